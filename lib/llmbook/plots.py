@@ -1,0 +1,84 @@
+"""One figure style for the whole book, and the few plots several chapters share.
+
+Every chapter calls :func:`use_style` once; figures then share fonts, colours and
+grid. Colours follow :data:`COLORS` so that, across chapters, the same role (say,
+"ours" against "the reference library") keeps the same colour.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib as mpl
+import matplotlib.pyplot as plt
+
+__all__ = ["COLORS", "use_style", "subplots", "plot_history", "smooth"]
+
+# Colour-blind-safe (Okabe-Ito); roles are fixed across chapters.
+COLORS = {
+    "ours": "#0072B2",
+    "reference": "#E69F00",
+    "train": "#0072B2",
+    "inference": "#D55E00",
+    "chosen": "#009E73",
+    "rejected": "#D55E00",
+    "neutral": "#666666",
+}
+_CYCLE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+
+
+def use_style() -> None:
+    """Set the book's matplotlib style (call once at the top of a chapter)."""
+    mpl.rcParams.update(
+        {
+            "figure.dpi": 110,
+            "savefig.dpi": 110,
+            "figure.figsize": (6.4, 3.6),
+            "figure.constrained_layout.use": True,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.titlesize": 11,
+            "axes.labelsize": 10,
+            "legend.fontsize": 9,
+            "legend.frameon": False,
+            "xtick.labelsize": 9,
+            "ytick.labelsize": 9,
+            "axes.prop_cycle": mpl.cycler(color=_CYCLE),
+            "image.cmap": "viridis",
+        }
+    )
+
+
+def subplots(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.2, **kwargs):
+    """``plt.subplots`` with a panel size in inches instead of a figure size."""
+    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, **kwargs)
+
+
+def smooth(values, window: int):
+    """Trailing moving average over ``window`` points (the first points average what exists)."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_history(history, key: str = "loss", *, ax=None, label: str | None = None, window: int = 1, **kwargs):
+    """Plot one metric of a training :class:`~llmbook.train.History` against the step."""
+    if ax is None:
+        ax = subplots()[1][0, 0]
+    values = [v for v in history[key]]
+    if any(math.isnan(v) for v in values):
+        raise ValueError(f"history[{key!r}] has missing values; log it at every step to plot it")
+    ax.plot(history["step"], smooth(values, window) if window > 1 else values, label=label, **kwargs)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    if label:
+        ax.legend()
+    return ax

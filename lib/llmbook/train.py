@@ -1,0 +1,176 @@
+"""One small training loop for every chapter.
+
+Each chapter differs only in what it trains and which loss it uses, so the loop takes
+the loss as a function ``loss_fn(model, batch)`` returning either a scalar tensor or
+``(loss, metrics)`` where ``metrics`` is a dict of numbers to log (DPO's
+``rewards/margins``, say). Everything else is shared: moving batches to the model's
+device, gradient accumulation, clipping, an AdamW optimizer over the trainable
+parameters, a progress bar, and a :class:`History` of every metric at every step.
+
+A loss that is NaN or infinite stops training with an error that names the step,
+rather than silently poisoning the weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+__all__ = ["History", "move_to", "train", "trainable_parameters"]
+
+
+class History(dict):
+    """Metric name -> list of values, one per optimiser step (``history["loss"]``).
+
+    Always has ``step`` (1-based), ``loss``, ``lr``, ``grad_norm`` and ``seconds``
+    (wall time of the step).
+    """
+
+    def log(self, **metrics: float) -> None:
+        n = len(self.get("step", []))
+        for key, value in metrics.items():
+            column = self.setdefault(key, [math.nan] * n)
+            column.append(float(value))
+        for column in self.values():  # keep every column as long as "step"
+            if len(column) < n + 1:
+                column.append(math.nan)
+
+    def last(self, key: str = "loss") -> float:
+        return self[key][-1]
+
+    def mean(self, key: str = "loss", last: int | None = None) -> float:
+        values = self[key][-last:] if last else self[key]
+        return sum(values) / len(values)
+
+
+def move_to(batch, device: torch.device):
+    """Move every tensor in a (nested) dict, list or tuple to ``device``."""
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: move_to(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(value, device) for value in batch)
+    return batch
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _cycle(batches: Iterable):
+    """Yield batches forever, restarting the iterable (and any shuffling) when it ends."""
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("batches is empty: pass at least one batch")
+
+
+def train(
+    model: torch.nn.Module,
+    batches: Iterable,
+    loss_fn: Callable,
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    optimizer: torch.optim.Optimizer | None = None,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    grad_accum_steps: int = 1,
+    max_grad_norm: float | None = 1.0,
+    callback: Callable[[int, History], None] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> History:
+    """Train ``model`` for ``steps`` optimiser steps and return the history of metrics.
+
+    Args:
+        model: the module to train; only parameters with ``requires_grad`` change.
+        batches: an iterable of batches (a list, or a DataLoader), cycled as needed.
+        loss_fn: ``loss_fn(model, batch) -> loss`` or ``-> (loss, {name: value})``;
+            the batch arrives already on the model's device.
+        steps: number of optimiser steps (each sees ``grad_accum_steps`` batches).
+        lr: peak learning rate of the default AdamW optimiser.
+        optimizer: use this optimiser instead of the default.
+        weight_decay: AdamW weight decay of the default optimiser.
+        warmup_steps: linear warm-up from 0 to ``lr`` over this many steps, then constant.
+        grad_accum_steps: batches whose gradients are averaged into one step.
+        max_grad_norm: clip the global gradient norm to this; ``None`` to not clip.
+        callback: called as ``callback(step, history)`` after each step.
+        progress: show a progress bar.
+        desc: the progress bar's label.
+
+    Returns:
+        a :class:`History`.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+        raise ValueError(f"grad_accum_steps must be an integer >= 1, got {grad_accum_steps!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("model has no trainable parameters (every parameter has requires_grad=False)")
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    device = next(iter(params)).device
+
+    from tqdm.auto import tqdm
+
+    history = History()
+    stream = _cycle(batches)
+    was_training = model.training
+    model.train()
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
+    try:
+        for step in bar:
+            start = time.perf_counter()
+            factor = min(1.0, step / warmup_steps) if warmup_steps else 1.0
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
+            optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            for _ in range(grad_accum_steps):
+                out = loss_fn(model, move_to(next(stream), device))
+                loss, metrics = out if isinstance(out, tuple) else (out, {})
+                if loss.dim() != 0:
+                    raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss became {loss.item()} at step {step}: lower lr (now {lr}) or check the data"
+                    )
+                (loss / grad_accum_steps).backward()
+                for key, value in {"loss": loss, **metrics}.items():
+                    value = value.item() if torch.is_tensor(value) else float(value)
+                    sums[key] = sums.get(key, 0.0) + value / grad_accum_steps
+            if max_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            else:
+                grad_norm = torch.linalg.vector_norm(
+                    torch.stack([p.grad.detach().norm() for p in params if p.grad is not None])
+                )
+            optimizer.step()
+            history.log(
+                step=step,
+                **sums,
+                lr=optimizer.param_groups[0]["lr"],
+                grad_norm=float(grad_norm),
+                seconds=time.perf_counter() - start,
+            )
+            bar.set_postfix(loss=f"{sums['loss']:.4f}")
+            if callback is not None:
+                callback(step, history)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return history
