@@ -1,0 +1,237 @@
+r"""LoRA: low-rank adaptation of linear layers (Hu et al., 2021, arXiv 2106.09685).
+
+Fine-tuning changes a weight matrix by some :math:`\Delta W`; LoRA bets that this change
+has low rank and writes it as a product of two thin matrices:
+
+.. math::  W_{\mathrm{merge}} = W + \Delta W = W + \frac{\alpha}{r} B A,
+           \qquad A \in \mathbb{R}^{r \times d_{in}},\; B \in \mathbb{R}^{d_{out} \times r}
+
+:math:`W` stays frozen; only :math:`A` and :math:`B` train. :math:`A` starts random
+(Kaiming-uniform, as in PEFT) and :math:`B` at zero, so the wrapped layer starts out
+exactly equal to the original. :math:`\alpha/r` (``scaling``) sets how large an update
+a given :math:`A, B` makes. For inference, :math:`\Delta W` can be added into
+:math:`W` once (``merge``) so the layer costs no more than the original.
+
+Names follow PEFT (``lora_A``, ``lora_B``, ``lora_alpha``, ``scaling``, ``merge``,
+``unmerge``) so the tests can compare ours with PEFT's layer one to one.
+Chapter 3 explains every piece.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LoRALinear",
+    "apply_lora",
+    "count_parameters",
+    "disable_lora",
+    "lora_layers",
+    "merge_lora",
+    "unmerge_lora",
+]
+
+
+class LoRALinear(nn.Module):
+    r"""A frozen ``nn.Linear`` plus a trainable low-rank update :math:`\frac{\alpha}{r} B A`.
+
+    Args:
+        base: the linear layer to adapt; its weights are frozen.
+        r: the rank of the update (an integer >= 1).
+        lora_alpha: the numerator of the scaling :math:`\alpha / r` (> 0).
+        lora_dropout: dropout probability on the input of the LoRA branch, in [0, 1).
+    """
+
+    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be an integer >= 1, got {r!r}")
+        if r > min(base.in_features, base.out_features):
+            raise ValueError(
+                f"r must be at most min(in_features, out_features) = "
+                f"{min(base.in_features, base.out_features)}, got {r}"
+            )
+        if not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
+            raise ValueError(f"lora_alpha must be a number > 0, got {lora_alpha!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        self.base = base.requires_grad_(False)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / r
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)  # weight (r, in)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)  # weight (out, r)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merged = False
+        self.enabled = True
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # A as nn.Linear's default (and PEFT's), B zero: the update starts at exactly 0.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (merged or not), for code that reads ``layer.weight``."""
+        return self.base.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        r"""The update :math:`\Delta W = \frac{\alpha}{r} B A`, shape ``(out_features, in_features)``."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged or not self.enabled:
+            return y
+        # x (..., in) -> A -> (..., r) -> B -> (..., out): never forms the (out, in) matrix.
+        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add :math:`\\Delta W` into the base weight, so inference costs one matmul."""
+        if self.merged:
+            raise RuntimeError("this LoRALinear is already merged")
+        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract :math:`\\Delta W` again, restoring the base weight (up to rounding)."""
+        if not self.merged:
+            raise RuntimeError("this LoRALinear is not merged")
+        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    """Every :class:`LoRALinear` inside ``model``."""
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def apply_lora(
+    model: nn.Module,
+    target_modules: list[str] | tuple[str, ...] | str,
+    r: int,
+    lora_alpha: float,
+    lora_dropout: float = 0.0,
+) -> nn.Module:
+    """Freeze ``model`` and wrap its targeted linear layers in :class:`LoRALinear`, in place.
+
+    Args:
+        model: any module (a transformers causal LM, say).
+        target_modules: names matched against the end of each linear layer's dotted
+            name, as PEFT does (``["q_proj", "v_proj"]``), or ``"all-linear"`` for every
+            linear layer except the output head ``lm_head``.
+        r, lora_alpha, lora_dropout: as in :class:`LoRALinear`.
+
+    Returns:
+        the same ``model``, with only the LoRA matrices trainable.
+    """
+    if lora_layers(model):
+        raise ValueError("model already has LoRA layers; apply LoRA once")
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [target_modules]
+    if not target_modules:
+        raise ValueError("target_modules must name at least one module, or be 'all-linear'")
+    names = _linear_names(model)
+    if target_modules == "all-linear":
+        chosen = [n for n in names if n.split(".")[-1] != "lm_head"]
+    else:
+        chosen = [n for n in names if any(n == t or n.endswith("." + t) for t in target_modules)]
+    if not chosen:
+        suffixes = sorted({n.split(".")[-1] for n in names})
+        raise ValueError(f"target_modules {list(target_modules)} match no linear layer; the model has {suffixes}")
+    model.requires_grad_(False)
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, lora_alpha, lora_dropout))
+    return model
+
+
+def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
+    """Merge every LoRA update into its base weight.
+
+    With ``unload=True`` the wrappers are replaced by their (merged) base layers, as
+    PEFT's ``merge_and_unload`` does; otherwise they stay, so :func:`unmerge_lora` can
+    undo the merge.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers to merge")
+    for layer in layers:
+        if not layer.merged:
+            layer.merge()
+    if unload:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoRALinear):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, module.base)
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_lora` (without ``unload``)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers to unmerge")
+    for layer in layers:
+        if layer.merged:
+            layer.unmerge()
+    return model
+
+
+@contextlib.contextmanager
+def disable_lora(model: nn.Module):
+    """Run the base model: inside the ``with`` block every LoRA branch is switched off.
+
+    DPO uses this for its reference model: the policy with adapters off *is* the
+    frozen starting model, so no second copy is needed (chapter 7).
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers to disable")
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("unmerge the LoRA layers before disabling them")
+    previous = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, previous):
+            layer.enabled = state
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` numbers of parameters; tied weights are counted once."""
+    trainable = total = 0
+    for p in model.parameters():  # parameters() yields a shared tensor once
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total

@@ -1,0 +1,167 @@
+"""llmbook.lora against PEFT's LoRA, on the tiny model (fast) with fixed seeds."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from llmbook import lora
+from llmbook.models import tiny_model
+
+IDS = torch.tensor([[5, 17, 3, 99, 42, 7], [1, 2, 3, 4, 5, 6]])
+
+
+def pair(r=4, alpha=8, targets=("q_proj", "v_proj"), seed=0):
+    """Our LoRA model and PEFT's, on identical base weights, with identical non-zero A and B."""
+    base = tiny_model(seed=seed)
+    ours = lora.apply_lora(copy.deepcopy(base), list(targets), r=r, lora_alpha=alpha)
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+                                                             lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed + 1)
+    peft_layers = {n: m for n, m in theirs.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    for name, layer in ((n, m) for n, m in ours.named_modules() if isinstance(m, lora.LoRALinear)):
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=gen) * 0.1)
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.1)  # B != 0
+        peft_layer = peft_layers["base_model.model." + name]
+        with torch.no_grad():
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A.weight)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B.weight)
+    return base, ours, theirs
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def test_zero_init_changes_nothing():
+    base = tiny_model()
+    wrapped = lora.apply_lora(copy.deepcopy(base), ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    layer = lora.lora_layers(wrapped)[0]
+    assert torch.count_nonzero(layer.lora_B.weight) == 0 and torch.count_nonzero(layer.lora_A.weight) > 0
+    torch.testing.assert_close(logits(wrapped), logits(base), rtol=0, atol=0)
+
+
+def test_initialisation_matches_peft_distribution():
+    # PEFT initialises lora_A like nn.Linear (Kaiming-uniform, a=sqrt(5)): bound 1/sqrt(in_features).
+    layer = lora.LoRALinear(torch.nn.Linear(256, 64), r=8, lora_alpha=16)
+    bound = 1 / 256 ** 0.5
+    assert layer.lora_A.weight.abs().max() <= bound
+    assert layer.lora_A.weight.abs().max() > 0.9 * bound
+
+
+@pytest.mark.parametrize("r, alpha", [(1, 1), (4, 8), (8, 32)])
+def test_same_A_and_B_give_peft_outputs(r, alpha):
+    base, ours, theirs = pair(r=r, alpha=alpha)
+    out = logits(ours)
+    assert not torch.allclose(out, logits(base), atol=1e-4), "B is non-zero, so the output must change"
+    torch.testing.assert_close(out, logits(theirs), rtol=1e-5, atol=1e-5)
+
+
+def test_delta_weight_equals_peft_and_the_seed_notation():
+    _, ours, theirs = pair(r=4, alpha=8)
+    layer = lora.lora_layers(ours)[0]
+    peft_layer = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(layer.delta_weight(), peft_layer.get_delta_weight("default"))
+    # The notes write W + A B alpha/r with A (in x r), B (r x out) acting on row vectors: the same update.
+    a_seed, b_seed = layer.lora_A.weight.T, layer.lora_B.weight.T
+    torch.testing.assert_close((a_seed @ b_seed * layer.scaling).T, layer.delta_weight())
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj")])
+@pytest.mark.parametrize("r", [1, 2, 8])
+def test_parameter_counts_equal_peft(r, targets):
+    _, ours, theirs = pair(r=r, targets=targets)
+    assert lora.count_parameters(ours) == theirs.get_nb_trainable_parameters()
+
+
+def test_all_linear_matches_peft_all_linear():
+    base = tiny_model()
+    ours = lora.apply_lora(copy.deepcopy(base), "all-linear", r=2, lora_alpha=4)
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    assert lora.count_parameters(ours) == theirs.get_nb_trainable_parameters()
+
+
+def test_merge_unmerge_and_unload_match_peft():
+    base, ours, theirs = pair()
+    before = logits(ours)
+    w0 = base.model.layers[0].self_attn.q_proj.weight.clone()
+    lora.merge_lora(ours)
+    torch.testing.assert_close(logits(ours), before, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(ours.model.layers[0].self_attn.q_proj.base.weight, w0)
+    lora.unmerge_lora(ours)
+    torch.testing.assert_close(ours.model.layers[0].self_attn.q_proj.base.weight, w0, rtol=0, atol=1e-6)
+    unloaded = lora.merge_lora(ours, unload=True)
+    assert not lora.lora_layers(unloaded)
+    assert isinstance(unloaded.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    torch.testing.assert_close(logits(unloaded), logits(theirs.merge_and_unload()), rtol=1e-5, atol=1e-5)
+
+
+def test_disable_lora_gives_the_base_model_like_peft():
+    base, ours, theirs = pair()
+    with lora.disable_lora(ours):
+        torch.testing.assert_close(logits(ours), logits(base), rtol=0, atol=0)
+    with theirs.disable_adapter():
+        torch.testing.assert_close(logits(theirs), logits(base), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(logits(ours), logits(base), atol=1e-4)  # re-enabled afterwards
+
+
+def test_gradients_flow_only_into_lora_and_match_peft():
+    _, ours, theirs = pair()
+    for model in (ours, theirs):
+        model(IDS, labels=IDS).loss.backward()
+    ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert all(name.endswith(("lora_A.weight", "lora_B.weight")) for name in ours_grads)
+    theirs_grads = {n.replace("base_model.model.", "").replace(".default", ""): p.grad
+                    for n, p in theirs.named_parameters() if p.requires_grad}
+    assert set(ours_grads) == set(theirs_grads)
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad, theirs_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_with_B_zero_only_B_gets_a_gradient():
+    # dL/dA = scaling * B^T (dL/dy) x^T = 0 while B = 0, but dL/dB = scaling * (dL/dy) (A x)^T != 0.
+    layer = lora.LoRALinear(torch.nn.Linear(8, 6), r=2, lora_alpha=4)
+    layer(torch.randn(5, 8)).pow(2).sum().backward()
+    assert torch.count_nonzero(layer.lora_A.weight.grad) == 0
+    assert torch.count_nonzero(layer.lora_B.weight.grad) > 0
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"r": 0, "lora_alpha": 8}, ValueError, "r must be"),
+    ({"r": 2.5, "lora_alpha": 8}, ValueError, "r must be"),
+    ({"r": 100, "lora_alpha": 8}, ValueError, "at most"),
+    ({"r": 2, "lora_alpha": 0}, ValueError, "lora_alpha"),
+    ({"r": 2, "lora_alpha": 4, "lora_dropout": 1.0}, ValueError, "lora_dropout"),
+])
+def test_bad_arguments_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lora.LoRALinear(torch.nn.Linear(16, 16), **kwargs)
+
+
+def test_bad_targets_and_double_application():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="match no linear layer"):
+        lora.apply_lora(model, ["query"], r=2, lora_alpha=4)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        lora.LoRALinear(torch.nn.Conv1d(2, 2, 1), r=1, lora_alpha=1)
+    lora.apply_lora(model, ["q_proj"], r=2, lora_alpha=4)
+    with pytest.raises(ValueError, match="already"):
+        lora.apply_lora(model, ["v_proj"], r=2, lora_alpha=4)
+    layer = lora.lora_layers(model)[0]
+    layer.merge()
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+
+
+def test_bf16_on_the_picked_device(device):
+    model = lora.apply_lora(tiny_model(device=device, dtype=torch.bfloat16), ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    layer = lora.lora_layers(model)[0]
+    assert layer.lora_A.weight.dtype == torch.bfloat16 and layer.lora_A.weight.device.type == device.type
+    ids = IDS.to(device)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and layer.lora_B.weight.grad is not None
