@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import torch
+
+from llmbook import data
+from llmbook.models import default_model_path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok
+
+
+def test_sft_labels_are_exactly_the_response_and_end_of_turn(tokenizer):
+    enc = data.encode_sft(tokenizer, "What is 2+2?", "4")
+    ids, labels = enc["input_ids"], enc["labels"]
+    n_masked = labels.count(data.IGNORE_INDEX)
+    assert labels[:n_masked] == [-100] * n_masked and -100 not in labels[n_masked:]
+    assert labels[n_masked:] == ids[n_masked:]
+    # The masked part is the chat prompt as the template writes it; the rest is the answer.
+    assert tokenizer.decode(ids[:n_masked]) == data.chat_prompt(tokenizer, "What is 2+2?")
+    assert tokenizer.decode(ids[n_masked:]) == "4<|im_end|>\n"
+    full = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"},
+                                          {"role": "assistant", "content": "4"}], tokenize=False)
+    assert tokenizer.decode(ids) == full
+
+
+def test_unmasked_sft_keeps_every_label(tokenizer):
+    enc = data.encode_sft(tokenizer, "Hi", "Hello!", mask_prompt=False)
+    assert enc["labels"] == enc["input_ids"]
+
+
+def test_sft_collator_pads_right_and_masks_padding(tokenizer):
+    batch = data.SFTCollator(tokenizer)([{"prompt": "Name a colour.", "response": "Blue."},
+                                         {"prompt": "Name a colour, please, a warm one.", "response": "Red, a warm colour."}])
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.shape == mask.shape == labels.shape and ids.dtype == torch.long
+    lengths = mask.sum(1)
+    for row in range(2):
+        n = lengths[row]
+        assert mask[row, :n].all() and not mask[row, n:].any()
+        assert (labels[row, n:] == -100).all() and (ids[row, n:] == tokenizer.pad_token_id).all()
+    # The model's own loss over this batch is finite: there are response tokens to learn.
+    assert (labels != -100).sum() > 0
+
+
+def test_preference_collator_shapes_and_masks(tokenizer):
+    batch = data.PreferenceCollator(tokenizer)([
+        {"prompt": "Say hi.", "chosen": "Hi there, friend!", "rejected": "No."},
+        {"prompt": "Count to three.", "chosen": "1, 2, 3.", "rejected": "1, 2, 3, 4, 5, 6, 7."},
+    ])
+    shapes = {k: tuple(v.shape) for k, v in batch.items()}
+    assert len(set(shapes.values())) == 1 and len(shapes) == 6
+    for side in ("chosen", "rejected"):
+        n_masked = (batch[f"{side}_labels"][0] == -100).logical_and(batch[f"{side}_attention_mask"][0] == 1).sum()
+        assert tokenizer.decode(batch[f"{side}_input_ids"][0, :n_masked]) == data.chat_prompt(tokenizer, "Say hi.")
+    assert tokenizer.decode(batch["rejected_labels"][0][batch["rejected_labels"][0] != -100]) == "No.<|im_end|>\n"
+
+
+@pytest.mark.parametrize("example, match", [
+    ({"prompt": "x"}, "missing"),
+    ({"prompt": "", "response": "y"}, "prompt"),
+    ({"prompt": "x", "response": ""}, "response"),
+])
+def test_bad_examples_are_named(tokenizer, example, match):
+    with pytest.raises(ValueError, match=match):
+        data.SFTCollator(tokenizer)([example])
+
+
+def test_truncation_that_leaves_no_response_is_an_error(tokenizer):
+    with pytest.raises(ValueError, match="no response token"):
+        data.encode_sft(tokenizer, "A long question " * 10, "answer", max_length=5)
+
+
+def test_pad_and_its_errors():
+    torch.testing.assert_close(data.pad([[1, 2, 3], [4]], 0), torch.tensor([[1, 2, 3], [4, 0, 0]]))
+    with pytest.raises(ValueError, match="shorter"):
+        data.pad([[1, 2, 3]], 0, length=2)
+    with pytest.raises(ValueError, match="empty"):
+        data.pad([], 0)
+
+
+def test_jsonl_round_trip_is_atomic_and_reports_bad_lines(tmp_path):
+    rows = [{"prompt": "é", "response": "ü"}, {"a": 1}]
+    path = data.write_jsonl(tmp_path / "x.jsonl", rows)
+    assert data.read_jsonl(path) == rows
+    assert [p.name for p in tmp_path.iterdir()] == ["x.jsonl"]
+    assert json.loads(path.read_text(encoding="utf-8").splitlines()[0]) == rows[0]
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{oops\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        data.read_jsonl(tmp_path / "bad.jsonl")
