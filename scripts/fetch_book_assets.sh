@@ -11,7 +11,8 @@ REQUIREJS=requirejs@2.3.8
 HTML_MANAGER=@jupyter-widgets/html-manager@1.0.15
 dest=book_assets/vendor
 stamp="$dest/.versions"
-want="$MATHJAX $REQUIREJS $HTML_MANAGER"
+# The suffix marks what is copied besides the packages themselves (bump it when that changes).
+want="$MATHJAX $REQUIREJS $HTML_MANAGER +widget-fonts"
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
@@ -34,6 +35,8 @@ mkdir -p "$new/html-manager"
 cp -r "$work"/mathjax-*/package/es5 "$new/mathjax"
 cp "$work"/requirejs-*/package/require.js "$new/require.js"
 cp "$work"/jupyter-widgets-html-manager-*/package/dist/embed-amd.js "$new/html-manager/embed-amd.js"
+# The widget manager's icon fonts, which it loads from beside its own script.
+cp "$work"/jupyter-widgets-html-manager-*/package/dist/*.{eot,svg,ttf,woff,woff2} "$new/html-manager/"
 echo "$want" > "$new/.versions"
 rm -rf "$dest"
 mv "$new" "$dest"

@@ -1,0 +1,193 @@
+"""Time a fresh, top-to-bottom execution of each chapter and write the table the intro shows.
+
+Usage: python scripts/chapter_times.py [chapters/03_lora.ipynb ...]     (`make times` runs all)
+       python scripts/chapter_times.py --render     (rewrite the tables from the last measurements)
+
+Each chapter listed in _toc.yml runs in a new kernel of this environment, one after the
+other, exactly as a reader's "Run all" would (nothing is written back to the notebook).
+The wall-clock time, kernel start included, and the kernel's CPU time go into
+``docs/chapter_times.json`` with the machine and its load (on a busy machine the wall
+time grows with the load while the CPU time does not); ``docs/chapter_times.md`` (included by intro.md) and the block
+between the chapter-times markers in README.md are rendered from it. Naming chapters
+reruns only those and keeps the others' last times. A chapter that fails is recorded as
+failed and the script exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import machine_info
+import nbformat
+import yaml
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMES_JSON = ROOT / "docs" / "chapter_times.json"
+TIMES_MD = ROOT / "docs" / "chapter_times.md"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- BEGIN chapter-times -->", "<!-- END chapter-times -->"
+# The book's budget per chapter on a 2-core CPU (DESIGN.md): 3 minutes, the two experiment chapters 5.
+LIMIT_S = {"05": 300, "07": 300}
+DEFAULT_LIMIT_S = 180
+CELL_TIMEOUT_S = 1800
+
+
+def toc_notebooks() -> list[str]:
+    """The chapter notebooks of _toc.yml, in reading order, as paths relative to the root."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = []
+
+    def walk(entries):
+        for entry in entries or []:
+            if "file" in entry:
+                files.append(entry["file"])
+            walk(entry.get("sections"))
+
+    for part in toc.get("parts", [{"chapters": toc.get("chapters", [])}]):
+        walk(part.get("chapters"))
+    paths = [re.sub(r"\.ipynb$", "", f) + ".ipynb" for f in files]
+    return [p for p in paths if (ROOT / p).is_file()]
+
+
+def title(nb) -> str:
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("# "):
+                    return line[2:].strip()
+    return "untitled"
+
+
+def limit_s(path: str) -> int:
+    return LIMIT_S.get(Path(path).name[:2], DEFAULT_LIMIT_S)
+
+
+def describe_failure(nb, err: Exception) -> str:
+    """``cell 23: AssertionError: the parallel pass should be ...`` for a failed execution."""
+    name, value = getattr(err, "ename", type(err).__name__), getattr(err, "evalue", str(err))
+    failed = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"
+              and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    where = f"cell {failed[0]}: " if failed else ""
+    return f"{where}{name}: {' '.join(str(value).split())[:160]}"
+
+
+def run_one(path: str) -> dict:
+    nb = nbformat.read(ROOT / path, as_version=4)
+    kernel = nb.metadata.get("kernelspec", {}).get("name", "python3")
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name=kernel,
+                            resources={"metadata": {"path": str((ROOT / path).parent)}})
+    load_before, error = machine_info.load_average(), None
+    # The kernel is our child process: once it has exited, its CPU time shows in os.times().
+    cpu_before, start = os.times(), time.perf_counter()
+    try:
+        client.execute()
+    except Exception as err:  # a failing cell: record which and why, time what ran
+        error = describe_failure(nb, err)
+    seconds, cpu_after = time.perf_counter() - start, os.times()
+    cpu = (cpu_after.children_user - cpu_before.children_user) + (cpu_after.children_system - cpu_before.children_system)
+    return {"title": title(nb), "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1) if cpu > 0 else None,
+            "code_cells": sum(c.cell_type == "code" for c in nb.cells), "error": error,
+            "load_before": load_before, "load_after": machine_info.load_average(), "machine": machine_info.describe()}
+
+
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:04.1f} s" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def render_table(times: dict, order: list[str]) -> str:
+    rows = [p for p in order if p in times]
+    out = ["| chapter | code cells | run time | CPU time | budget | within it |", "|---|---|---|---|---|---|"]
+    for path in rows:
+        t = times[path]
+        doc = path.removesuffix(".ipynb")
+        ok = "failed: " + t["error"].replace("|", "\\|") if t["error"] else (
+            "yes" if t["seconds"] <= limit_s(path) else "**no**")
+        cpu = minutes(t["cpu_seconds"]) if t.get("cpu_seconds") else "n/a"
+        out.append(f"| {{chapter}}`{t['title']} <{doc}>` | {t['code_cells']} | {minutes(t['seconds'])} "
+                   f"| {cpu} | {limit_s(path) // 60} min | {ok} |")
+    total = sum(times[p]["seconds"] for p in rows)
+    cpu_total = sum(times[p].get("cpu_seconds") or 0 for p in rows)
+    out.append(f"| **all {len(rows)} chapter{'s' if len(rows) != 1 else ''}** | {sum(times[p]['code_cells'] for p in rows)} | "
+               f"**{minutes(total)}** | {minutes(cpu_total) if cpu_total else 'n/a'} | | |")
+    return "\n".join(out)
+
+
+def describe_runs(times: dict, order: list[str]) -> str:
+    rows = [p for p in order if p in times]
+    machines = sorted({machine_info.one_line(times[p]["machine"]) for p in rows})
+    dates = sorted({times[p]["machine"]["date"] for p in rows})
+    loads = [times[p][k] for p in rows for k in ("load_before", "load_after") if times[p][k] is not None]
+    text = f"Measured {', '.join(dates)} on {'; '.join(machines)}"
+    text += ", one chapter at a time in a fresh kernel"
+    if loads:
+        text += (f"; the 1-minute load average was {min(loads)} to {max(loads)}. A load above the number "
+                 f"of cores means other work shared the CPU and stretched the run times; the CPU time "
+                 f"(the kernel's user + system seconds, summed over its threads) is less affected by "
+                 f"the load, though not immune to it")
+    return text + "."
+
+
+def render_markdown(times: dict, order: list[str]) -> str:
+    return ("<!-- Written by scripts/chapter_times.py (make times); edits here are overwritten. -->\n\n"
+            + render_table(times, order) + "\n\n" + describe_runs(times, order) + "\n")
+
+
+def update_readme(times: dict, order: list[str]) -> None:
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"README.md has no {BEGIN} ... {END} block: left as it is")
+        return
+    # README is read on GitHub, where the {chapter} role means nothing: plain titles there.
+    table = re.sub(r"\{chapter\}`(.+?) <[^>]+>`", r"\1", render_table(times, order))
+    block = f"{BEGIN}\n{table}\n\n{describe_runs(times, order)}\n{END}"
+    README.write_text(text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="*", help="chapters to time (default: every chapter in _toc.yml)")
+    parser.add_argument("--render", action="store_true",
+                        help="run nothing: rewrite the table and the README's block from the last measurements")
+    args = parser.parse_args(argv)
+    order = toc_notebooks()
+    if args.render and not TIMES_JSON.is_file():
+        parser.error(f"no measurements in {TIMES_JSON} yet: run `make times`")
+    if args.render:
+        times = json.loads(TIMES_JSON.read_text())
+        TIMES_MD.write_text(render_markdown(times, order))
+        update_readme(times, order)
+        return 0
+    wanted = [str(Path(n)) for n in args.notebooks] or order
+    unknown = [n for n in wanted if n not in order]
+    if unknown:
+        parser.error(f"not a chapter of _toc.yml: {unknown}; have {order}")
+    times = json.loads(TIMES_JSON.read_text()) if TIMES_JSON.is_file() and args.notebooks else {}
+    failed = []
+    for path in wanted:
+        print(f"{path} ...", flush=True)
+        times[path] = result = run_one(path)
+        print(f"  {minutes(result['seconds'])} (budget {limit_s(path) // 60} min)"
+              + (f"; FAILED: {result['error']}" if result["error"] else ""), flush=True)
+        if result["error"]:
+            failed.append(path)
+    times = {p: times[p] for p in order if p in times}
+    TIMES_JSON.parent.mkdir(exist_ok=True)
+    TIMES_JSON.write_text(json.dumps(times, indent=1, ensure_ascii=False) + "\n")
+    TIMES_MD.write_text(render_markdown(times, order))
+    update_readme(times, order)
+    print(f"wrote {TIMES_MD.relative_to(ROOT)}, {TIMES_JSON.relative_to(ROOT)} and the README's table")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,464 @@
+"""The built book as a reader meets it: every page opened in headless Chromium, offline.
+
+Runs after the book is built (`make test` and `make test-browser` build it first). The
+pages in ``_build/html`` are served on 127.0.0.1 from a thread; Debian's ``chromium``
+opens each one with a fresh profile, and the checks read the rendered DOM:
+
+- MathJax typeset every equation (no ``$$``, ``\\[`` or ``\\(`` left as text, no TeX error);
+- every image loaded (``naturalWidth > 0``), the folded solutions included;
+- no request left for any host but 127.0.0.1 (such requests are blocked and reported);
+- nothing went wrong in the console (no JavaScript error, no failed resource);
+- every internal link resolves, to a file and, with ``#id``, to an element of that page;
+- the navigation works: the sidebar lists every page of ``_toc.yml``, "next" walks them
+  in order (one of them by a real click), and the offline search finds a chapter.
+
+A screenshot of each page goes to ``_build/screenshots/`` (the top, the largest figure and
+the first displayed equation, and the whole page). Without Chromium or Playwright the
+test is skipped with the command that installs them. Chromium is driven by Playwright for
+Python with ``executable_path``: Playwright's own browser downloads are never used.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import re
+import shutil
+import threading
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[1]
+# $LLMBOOK_HTML tests a book built elsewhere (jupyter-book build --path-output DIR: DIR/_build/html).
+HTML = Path(os.environ.get("LLMBOOK_HTML", ROOT / "_build" / "html")).resolve()
+SHOTS = HTML.parent / "screenshots"
+HOST = "127.0.0.1"
+# The flags of a reproducible, quiet, offline headless run.
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+VIEWPORT = {"width": 1280, "height": 800}
+INSTALL_CHROMIUM = ("Chromium is not installed, so the browser test of the book is skipped. Install it "
+                    "(Debian/Ubuntu: `sudo apt-get install chromium`; .ci/run does this in CI) or set "
+                    "LLMBOOK_CHROMIUM to the path of a Chromium or Chrome binary.")
+
+
+def find_chromium() -> str | None:
+    """Path of the Chromium binary: $LLMBOOK_CHROMIUM, Debian's /usr/bin/chromium, or one on PATH."""
+    candidates = [os.environ.get("LLMBOOK_CHROMIUM"), "/usr/bin/chromium",
+                  shutil.which("chromium"), shutil.which("chromium-browser")]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def toc_files() -> list[str]:
+    """Every ``file:`` of _toc.yml, the root first, in reading order."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+
+    def walk(entries):
+        for entry in entries or []:
+            if "file" in entry:
+                files.append(entry["file"])
+            walk(entry.get("sections"))
+
+    for part in toc.get("parts", [{"chapters": toc.get("chapters", [])}]):
+        walk(part.get("chapters"))
+    return [re.sub(r"\.(md|ipynb)$", "", f) for f in files]
+
+
+def built_pages() -> list[str]:
+    """The HTML pages of the built book, relative to _build/html (theme fragments under _static left out)."""
+    if not HTML.is_dir():
+        return []
+    return sorted(p.relative_to(HTML).as_posix() for p in HTML.rglob("*.html")
+                  if not any(part.startswith("_") for part in p.relative_to(HTML).parts[:-1]))
+
+
+PAGES = built_pages()
+CHAPTER_PAGES = [f"{f}.html" for f in toc_files() if f.startswith("chapters/")]
+
+
+# ---------------------------------------------------------------------------- serving
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves the built book quietly and records the status of every request."""
+
+    statuses: list[tuple[str, int]]  # set per server
+
+    def log_message(self, format, *args):
+        pass
+
+    def log_request(self, code="-", size="-"):
+        try:
+            status = int(getattr(code, "value", code))
+        except (TypeError, ValueError):
+            status = 0
+        self.statuses.append((self.path, status))
+
+
+@pytest.fixture(scope="module")
+def server():
+    if not (HTML / "index.html").is_file():
+        pytest.skip("the book is not built: run `make book` first (`make test` does)")
+    statuses: list[tuple[str, int]] = []
+    handler = functools.partial(type("Handler", (_Handler,), {"statuses": statuses}), directory=str(HTML))
+    httpd = http.server.ThreadingHTTPServer((HOST, 0), handler)  # port 0: a free port
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{HOST}:{httpd.server_address[1]}", statuses
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser_context(server, tmp_path_factory):
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip(INSTALL_CHROMIUM)
+    sync_api = pytest.importorskip(
+        "playwright.sync_api",
+        reason="Playwright for Python is missing: `make setup` installs it (the `test` extra)")
+    origin, _ = server
+    blocked: list[str] = []
+
+    def only_local(route):
+        # Anything not served by our own server is refused and reported.
+        if route.request.url.startswith(origin + "/"):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),  # a fresh user-data dir
+            executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
+            viewport=VIEWPORT, device_scale_factor=1, locale="en-US")
+        context.set_default_timeout(30_000)
+        context.route("**/*", only_local)
+        try:
+            yield context, blocked
+        finally:
+            context.close()
+
+
+# ---------------------------------------------------------------------------- reading a page
+
+
+@dataclass
+class PageReport:
+    """What one page did in the browser."""
+
+    page: str
+    foreign_requests: list[str] = field(default_factory=list)
+    console_errors: list[str] = field(default_factory=list)
+    failed_local: list[str] = field(default_factory=list)
+    math: dict = field(default_factory=dict)
+    images: list[dict] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    ids: set[str] = field(default_factory=set)
+    folded_open: int = 0
+    folded: int = 0
+    headings: list[str] = field(default_factory=list)
+    sidebar: list[str] = field(default_factory=list)
+    next_link: str | None = None
+    mathjax_version: str | None = None
+    goals_first: bool = False
+
+
+# MathJax left alone would show its delimiters; code, outputs and MathJax's own output are skipped.
+MATH_JS = r"""() => {
+  const main = document.querySelector('main') || document.body;
+  const skip = 'pre, code, script, style, textarea, mjx-container, .highlight';
+  const raw = /\$\$|\\\[|\\\]|\\\(|\\\)|\\begin\{|\$[^$\s](?:[^$]*[\\^_{}][^$]*|[^$\s]?)\$/;
+  const leftovers = [];
+  const walker = document.createTreeWalker(main, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) {
+    const node = walker.currentNode;
+    if (node.parentElement.closest(skip)) continue;
+    if (raw.test(node.textContent)) leftovers.push(node.textContent.trim().slice(0, 120));
+  }
+  const maths = [...main.querySelectorAll('.math')];
+  return {
+    elements: maths.length,
+    typeset: main.querySelectorAll('mjx-container').length,
+    untypeset: maths.filter(m => !m.querySelector('mjx-container')).map(m => m.textContent.slice(0, 120)),
+    errors: [...main.querySelectorAll('mjx-merror')].map(e => e.getAttribute('data-mjx-error') || e.textContent),
+    leftovers,
+  };
+}"""
+
+IMAGES_JS = """async () => {
+  const images = [...document.images];
+  images.forEach(img => { img.loading = 'eager'; });
+  await Promise.all(images.map(img => img.complete ? null : new Promise(done => {
+    img.addEventListener('load', done, {once: true});
+    img.addEventListener('error', done, {once: true});
+    setTimeout(done, 15000);
+  })));
+  return images.map(img => ({src: img.getAttribute('src'), ok: img.complete && img.naturalWidth > 0,
+                             width: img.naturalWidth}));
+}"""
+
+LARGEST_FIGURE_JS = """() => {
+  const figures = [...document.querySelectorAll('article img')].filter(img => img.naturalWidth > 0);
+  if (!figures.length) return false;
+  const area = img => img.clientWidth * img.clientHeight;
+  figures.sort((a, b) => area(b) - area(a))[0].scrollIntoView({block: 'center'});
+  return true;
+}"""
+
+FIRST_DISPLAY_MATH_JS = """() => {
+  const math = document.querySelector('article mjx-container[display="true"]');
+  if (!math) return false;
+  math.scrollIntoView({block: 'center'});
+  return true;
+}"""
+
+PAGE_JS = """() => ({
+  links: [...document.querySelectorAll('a[href]')].map(a => a.href),
+  ids: [...document.querySelectorAll('[id], a[name]')].map(e => e.id || e.getAttribute('name')),
+  headings: [...document.querySelectorAll('article h1, article h2')].map(h => h.textContent.replace('#', '').trim()),
+  sidebar: [...document.querySelectorAll('nav.bd-docs-nav a[href], .navbar-brand[href]')].map(a => a.href),
+  next: (document.querySelector('a.right-next') || {}).href || null,
+  mathjax: window.MathJax && window.MathJax.version || null,
+  // The learning goals (an admonition) come before the first section.
+  goals_first: (() => {
+    const goals = [...document.querySelectorAll('article .admonition')]
+      .find(a => a.textContent.includes('Learning goals'));
+    const section = document.querySelector('article h2');
+    return !!goals && (!section || !!(goals.compareDocumentPosition(section) & Node.DOCUMENT_POSITION_FOLLOWING));
+  })(),
+})"""
+
+
+def slug(page: str) -> str:
+    return page.removesuffix(".html").replace("/", "__")
+
+
+def read_page(context, origin: str, statuses: list, blocked: list, page: str) -> PageReport:
+    """Open one page like a reader, wait for MathJax and the images, and record what happened."""
+    report = PageReport(page)
+    tab = context.new_page()
+    requests: list[str] = []
+    tab.on("request", lambda r: requests.append(r.url))
+    tab.on("console", lambda m: m.type == "error" and report.console_errors.append(f"console: {m.text}"))
+    tab.on("pageerror", lambda e: report.console_errors.append(f"uncaught: {e}"))
+    first_status, first_blocked = len(statuses), len(blocked)
+    try:
+        tab.goto(f"{origin}/{page}", wait_until="load")
+        tab.wait_for_load_state("networkidle")
+        # MathJax typesets after load; its startup promise settles when the page is done.
+        report.mathjax_version = tab.evaluate(
+            "async () => { if (window.MathJax && MathJax.startup) { await MathJax.startup.promise; "
+            "return MathJax.version; } return null; }")
+        folded = tab.evaluate("() => [...document.querySelectorAll('main details')].map(d => d.open)")
+        report.folded, report.folded_open = len(folded), sum(folded)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        tab.screenshot(path=SHOTS / f"{slug(page)}.png")
+        # Open what is folded, so that the images and equations inside are checked too.
+        tab.evaluate("() => document.querySelectorAll('main details').forEach(d => { d.open = true; })")
+        report.images = tab.evaluate(IMAGES_JS)
+        if report.mathjax_version:
+            tab.evaluate("async () => { await MathJax.startup.promise; }")
+        report.math = tab.evaluate(MATH_JS)
+        # The largest figure and the first displayed equation, each centred in the window.
+        for name, script in (("figure", LARGEST_FIGURE_JS), ("math", FIRST_DISPLAY_MATH_JS)):
+            if tab.evaluate(script):
+                tab.screenshot(path=SHOTS / f"{slug(page)}-{name}.png")
+        tab.evaluate("() => { window.scrollTo(0, 0); document.activeElement && document.activeElement.blur(); }")
+        tab.screenshot(path=SHOTS / f"{slug(page)}-full.png", full_page=True)
+        tab.wait_for_load_state("networkidle")
+        data = tab.evaluate(PAGE_JS)
+    finally:
+        tab.close()
+    report.links, report.ids = data["links"], set(data["ids"])
+    report.headings, report.sidebar = data["headings"], data["sidebar"]
+    report.next_link, report.mathjax_version = data["next"], data["mathjax"] or report.mathjax_version
+    report.goals_first = data["goals_first"]
+    report.foreign_requests = [u for u in requests if not u.startswith(origin + "/") and not u.startswith("data:")]
+    report.foreign_requests += [u for u in blocked[first_blocked:] if u not in report.foreign_requests]
+    report.failed_local = [f"{status} {path}" for path, status in statuses[first_status:] if status >= 400]
+    return report
+
+
+@pytest.fixture(scope="module")
+def reader(server, browser_context):
+    """``reader(page) -> PageReport``, each page read once per test run."""
+    origin, statuses = server
+    context, blocked = browser_context
+    cache: dict[str, PageReport] = {}
+
+    def read(page: str) -> PageReport:
+        if page not in cache:
+            cache[page] = read_page(context, origin, statuses, blocked, page)
+        return cache[page]
+
+    read.origin = origin
+    read.context = context
+    return read
+
+
+class _Ids(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name == "id" or (tag == "a" and name == "name"):
+                self.ids.add(value)
+
+
+@functools.cache
+def static_ids(path: Path) -> frozenset[str]:
+    parser = _Ids()
+    parser.feed(path.read_text(errors="replace"))
+    return frozenset(parser.ids)
+
+
+def link_problem(link: str, origin: str, reader) -> str | None:
+    """Why an internal link does not resolve, or None when it does (or is not internal)."""
+    parts = urlsplit(link)
+    if f"{parts.scheme}://{parts.netloc}" != origin:
+        return None
+    path = unquote(parts.path).lstrip("/")
+    target = HTML / path
+    if path == "" or target.is_dir():
+        target = target / "index.html"
+    if not target.is_file():
+        return f"{link}: no such file in _build/html"
+    fragment = unquote(parts.fragment)
+    if fragment and fragment != "top" and target.suffix == ".html":
+        page = target.relative_to(HTML).as_posix()
+        ids = set(static_ids(target)) | (reader(page).ids if page in PAGES else set())
+        if fragment not in ids:
+            return f"{link}: {page} has no element with id {fragment!r}"
+    return None
+
+
+# ---------------------------------------------------------------------------- the tests
+
+
+def test_the_book_is_built_with_every_toc_page():
+    if not PAGES:
+        pytest.skip("the book is not built: run `make book` first (`make test` does)")
+    missing = [f for f in toc_files() if f"{f}.html" not in PAGES]
+    assert not missing, f"listed in _toc.yml but not built: {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders_offline_without_errors(reader, page):
+    report = reader(page)
+    assert not report.foreign_requests, f"requests that left 127.0.0.1: {report.foreign_requests}"
+    assert not report.failed_local, f"local requests that failed: {report.failed_local}"
+    assert not report.console_errors, "\n".join(report.console_errors)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_equation_is_typeset_by_mathjax(reader, page):
+    report = reader(page)
+    math = report.math
+    if math["elements"]:
+        assert report.mathjax_version and report.mathjax_version.startswith("3."), "MathJax 3 did not load"
+    assert not math["untypeset"], f"equations MathJax did not typeset: {math['untypeset'][:5]}"
+    assert not math["errors"], f"TeX errors: {math['errors'][:5]}"
+    assert not math["leftovers"], f"raw TeX left in the text: {math['leftovers'][:5]}"
+    assert math["typeset"] >= math["elements"]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_image_loads(reader, page):
+    broken = [img["src"] for img in reader(page).images if not img["ok"]]
+    assert not broken, f"images that did not load: {broken}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_internal_link_resolves(reader, page):
+    report = reader(page)
+    problems = sorted({p for link in report.links if (p := link_problem(link, reader.origin, reader))})
+    assert not problems, "broken internal links:\n" + "\n".join(problems)
+
+
+def test_navigation_follows_the_toc(reader):
+    """The sidebar lists every toc page; "next" from the landing page walks them all in order."""
+    pages = [f"{f}.html" for f in toc_files()]
+    root = reader(pages[0])
+    listed = {urlsplit(href).path.lstrip("/") for href in root.sidebar}
+    assert set(pages) <= listed, f"missing from the sidebar: {sorted(set(pages) - listed)}"
+    walked, page = [pages[0]], pages[0]
+    while (nxt := reader(page).next_link) is not None:
+        page = urlsplit(nxt).path.lstrip("/")
+        assert page not in walked, f"'next' loops back to {page}"
+        walked.append(page)
+    assert walked == pages, "following 'next' from the first page does not visit the toc in order"
+
+
+def test_a_real_click_on_next_opens_the_next_page(reader):
+    pages = [f"{f}.html" for f in toc_files()]
+    if len(pages) < 2:
+        pytest.skip("one page only")
+    tab = reader.context.new_page()
+    try:
+        tab.goto(f"{reader.origin}/{pages[0]}", wait_until="load")
+        tab.click("a.right-next")
+        tab.wait_for_url(f"{reader.origin}/{pages[1]}")
+        heading = tab.locator("article h1").first
+        heading.wait_for(state="visible")
+        assert heading.inner_text().strip(), "the next page shows its title"
+    finally:
+        tab.close()
+
+
+def test_the_offline_search_finds_a_chapter(reader):
+    if "search.html" not in PAGES:
+        pytest.skip("no search page in this build")
+    tab = reader.context.new_page()
+    try:
+        tab.goto(f"{reader.origin}/search.html?q=teacher+forcing", wait_until="load")
+        results = tab.locator("#search-results ul.search li")
+        results.first.wait_for(timeout=20_000)
+        tab.screenshot(path=SHOTS / "search-results.png")
+        hrefs = [a.get_attribute("href") for a in tab.locator("#search-results ul.search li a").all()]
+        assert any(h and h.startswith("chapters/") for h in hrefs), hrefs
+    finally:
+        tab.close()
+
+
+@pytest.mark.parametrize("page", CHAPTER_PAGES)
+def test_chapter_reads_like_a_chapter(reader, page):
+    """Learning goals at the top, a summary, exercises, and solutions folded away."""
+    if page not in PAGES:
+        pytest.skip(f"{page} is not built")
+    report = reader(page)
+    assert report.goals_first, "a 'Learning goals' admonition comes before the first section"
+    for section in ("Summary", "Exercises"):
+        assert any(h.startswith(section) for h in report.headings), f"no '{section}' section: {report.headings}"
+    assert report.folded > 0 and report.folded_open == 0, "solutions are folded until the reader opens them"
+    assert any(img["ok"] and img["width"] > 100 for img in report.images), "a chapter shows a figure"
+
+
+@pytest.mark.parametrize("page", ["intro.html", "glossary.html"])
+def test_every_chapter_is_linked_from_the_map_and_the_glossary(reader, page):
+    if page not in PAGES:
+        pytest.skip(f"{page} is not in _toc.yml")
+    linked = {urlsplit(href).path.lstrip("/") for href in reader(page).links}
+    chapters = [p for p in CHAPTER_PAGES if p in PAGES]
+    missing = [p for p in chapters if p not in linked]
+    assert not missing, (f"{page} links no page of {missing}: check that its {{chapter}} roles name "
+                         "these files as _toc.yml does")
