@@ -165,3 +165,59 @@ def test_bf16_on_the_picked_device(device):
     loss = model(ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and layer.lora_B.weight.grad is not None
+
+
+def test_a_target_that_is_not_linear_is_refused_like_peft():
+    model = tiny_model()
+    with pytest.raises(TypeError, match="LlamaMLP"):
+        lora.apply_lora(model, ["mlp"], r=2, lora_alpha=4)
+    with pytest.raises(TypeError, match="non-empty strings"):
+        lora.apply_lora(model, ["q_proj", 3], r=2, lora_alpha=4)
+    with pytest.raises(ValueError, match="lora_alpha"):
+        lora.LoRALinear(torch.nn.Linear(4, 4), r=1, lora_alpha=True)
+    assert not lora.lora_layers(model), "a refused call leaves the model unchanged"
+    # PEFT refuses the same target.
+    with pytest.raises((ValueError, TypeError)):
+        get_peft_model(tiny_model(), LoraConfig(r=2, lora_alpha=4, target_modules=["mlp"]))
+
+
+def test_merge_then_unmerge_restores_every_weight_within_1e_6():
+    base, ours, _ = pair(r=8, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"))
+    lora.merge_lora(ours)
+    lora.unmerge_lora(ours)
+    for name, layer in ours.named_modules():
+        if isinstance(layer, lora.LoRALinear):
+            torch.testing.assert_close(layer.base.weight, base.get_submodule(name).weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(ours), logits(get_peft_model_with(ours)), rtol=1e-5, atol=1e-5)
+
+
+def get_peft_model_with(ours):
+    """PEFT's model on the base weights of ``ours`` (unmerged), with ``ours``'s A and B."""
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, lora.LoRALinear)}
+    base = copy.deepcopy(ours)
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent), child, copy.deepcopy(layer.base))
+    first = next(iter(layers.values()))
+    theirs = get_peft_model(base, LoraConfig(r=first.r, lora_alpha=first.lora_alpha,
+                                             target_modules=sorted({n.split(".")[-1] for n in layers})))
+    for name, layer in layers.items():
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        with torch.no_grad():
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A.weight)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B.weight)
+    return theirs
+
+
+def test_dropout_is_only_active_in_training_like_peft():
+    base = tiny_model()
+    ours = lora.apply_lora(copy.deepcopy(base), ["q_proj", "v_proj"], r=4, lora_alpha=8, lora_dropout=0.5)
+    for layer in lora.lora_layers(ours):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    ours.eval()
+    first, second = logits(ours), logits(ours)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    ours.train()
+    with torch.no_grad():
+        assert not torch.allclose(ours(IDS).logits, first, atol=1e-5), "dropout changes the training forward"

@@ -57,7 +57,7 @@ class LoRALinear(nn.Module):
                 f"r must be at most min(in_features, out_features) = "
                 f"{min(base.in_features, base.out_features)}, got {r}"
             )
-        if not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
+        if isinstance(lora_alpha, bool) or not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
             raise ValueError(f"lora_alpha must be a number > 0, got {lora_alpha!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
@@ -160,7 +160,16 @@ def apply_lora(
     if target_modules == "all-linear":
         chosen = [n for n in names if n.split(".")[-1] != "lm_head"]
     else:
-        chosen = [n for n in names if any(n == t or n.endswith("." + t) for t in target_modules)]
+        if not all(isinstance(t, str) and t for t in target_modules):
+            raise TypeError(f"target_modules must be names (non-empty strings), got {list(target_modules)!r}")
+        matches = [(n, m) for n, m in model.named_modules()
+                   if n and any(n == t or n.endswith("." + t) for t in target_modules)]
+        wrong = [(n, type(m).__name__) for n, m in matches if not isinstance(m, nn.Linear)]
+        if wrong:
+            name, kind = wrong[0]
+            raise TypeError(f"target_modules must name nn.Linear layers; {name!r} is a {kind} "
+                            f"({len(wrong)} non-Linear match(es) in all)")
+        chosen = [n for n, _ in matches]
     if not chosen:
         suffixes = sorted({n.split(".")[-1] for n in names})
         raise ValueError(f"target_modules {list(target_modules)} match no linear layer; the model has {suffixes}")

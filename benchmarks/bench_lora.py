@@ -1,0 +1,166 @@
+"""Time llmbook.lora against PEFT's LoRA on the book's model, and compare peak memory.
+
+Same model (SmolLM2-135M-Instruct), same batch (4 x 64 tokens), same LoRA config
+(r=8, alpha=16 on q_proj and v_proj), same A and B in both. Prints one line per
+measurement: what, ours, reference, ratio (ours / reference):
+
+* forward latency, unmerged (ours / PEFT);
+* training step time, AdamW (ours / PEFT);
+* forward latency, merged (ours merged / PEFT merge_and_unload);
+* ours unmerged / ours merged forward;
+* peak memory of a training step, LoRA / full fine-tuning (each in a fresh process:
+  CUDA's allocator peak on a GPU, the process's peak resident memory on a CPU).
+
+Timings interleave ours and PEFT's runs so that other load on the machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from llmbook import lora, models
+
+R, ALPHA, TARGETS = 8, 16, ["q_proj", "v_proj"]
+BATCH, LENGTH, REPEAT = 4, 64, 5
+
+
+def make_batch(model):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (BATCH, LENGTH), generator=gen).to(model.device)
+    return {"input_ids": ids, "labels": ids}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict, repeat: int = REPEAT, warmup: int = 1) -> dict:
+    """Median seconds of each function, running them in turn so load affects all alike."""
+    times = {name: [] for name in fns}
+    for i in range(warmup + repeat):
+        for name, fn in fns.items():
+            device = fn.device
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def timed(fn, device):
+    fn.device = device
+    return fn
+
+
+def pair(base):
+    """Our LoRA model and PEFT's on copies of ``base``, with identical non-zero A and B."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    ours = lora.apply_lora(copy.deepcopy(base), TARGETS, r=R, lora_alpha=ALPHA)
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+    for name, layer in ours.named_modules():
+        if isinstance(layer, lora.LoRALinear):
+            with torch.no_grad():
+                layer.lora_B.weight.normal_(0, 0.01)
+                peft_layer = theirs.base_model.model.get_submodule(name)
+                peft_layer.lora_A["default"].weight.copy_(layer.lora_A.weight)
+                peft_layer.lora_B["default"].weight.copy_(layer.lora_B.weight)
+    return ours, theirs
+
+
+def peak_memory_child(mode: str) -> None:
+    """One training step in this process; print the peak memory in bytes as JSON."""
+    model, _ = models.load_model()
+    device = model.device
+    if mode == "lora":
+        lora.apply_lora(model, TARGETS, r=R, lora_alpha=ALPHA)
+    else:
+        model.requires_grad_(True)
+    batch = make_batch(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(2):  # the second step has Adam's state allocated
+        opt.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        opt.step()
+    sync(device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    print(json.dumps({"peak": peak, "device": device.type}))
+
+
+def peak_memory(mode: str) -> int:
+    out = subprocess.run([sys.executable, __file__, "--peak-memory", mode], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+
+
+def line(what, ours, ref, unit="ms"):
+    scale = 1000 if unit == "ms" else 1 / 2**20
+    print(f"{what}: ours {ours * scale:.1f} {unit}, reference {ref * scale:.1f} {unit}, ratio {ours / ref:.2f}")
+
+
+def main():
+    base, _ = models.load_model()
+    device = base.device
+    batch = make_batch(base)
+    ours, theirs = pair(base)
+    desc = f"({device.type}, batch {BATCH}x{LENGTH}, r={R} on q,v)"
+
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=1e-4, atol=1e-4)
+        fwd = interleaved({"ours": timed(lambda: ours(**batch), device),
+                           "peft": timed(lambda: theirs(**batch), device)})
+    line(f"forward, unmerged {desc}", fwd["ours"], fwd["peft"])
+
+    def step_fn(model):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            opt.step()
+        return timed(step, device)
+
+    ours.train(), theirs.train()
+    steps = interleaved({"ours": step_fn(ours), "peft": step_fn(theirs)}, repeat=REPEAT, warmup=1)
+    ours.eval(), theirs.eval()
+    line(f"training step {desc}", steps["ours"], steps["peft"])
+
+    lora.merge_lora(ours)
+    merged_peft = theirs.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, merged_peft(**batch).logits, rtol=1e-4, atol=1e-4)
+        merged = interleaved({"ours": timed(lambda: ours(**batch), device),
+                              "peft": timed(lambda: merged_peft(**batch), device)})
+        lora.unmerge_lora(ours)
+        mixed = interleaved({"unmerged": timed(lambda: ours(**batch), device),
+                             "merged": timed(lambda: merged_peft(**batch), device)})
+    line(f"forward, merged (ours merge_lora / PEFT merge_and_unload) {desc}", merged["ours"], merged["peft"])
+    line(f"forward, ours unmerged / merged {desc}", mixed["unmerged"], mixed["merged"])
+
+    lora_peak, full_peak = peak_memory("lora"), peak_memory("full")
+    line(f"peak memory of a training step, LoRA / full fine-tuning {desc}", lora_peak, full_peak, unit="MiB")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--peak-memory":
+        peak_memory_child(sys.argv[2])
+    else:
+        main()

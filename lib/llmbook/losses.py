@@ -1,0 +1,319 @@
+r"""The supervised fine-tuning (SFT) loss, built on a numerically stable log-softmax.
+
+Chapter 2 derives everything in this module. A causal language model's LM head maps
+each position's hidden state $h_t \in \mathbb{R}^H$ to logits $x_t = W h_t \in \mathbb{R}^V$
+over the vocabulary. The probability of the next token $y_{t+1}$ is a softmax, and its
+logarithm (the *logprob*) is computed stably by subtracting the row's maximum
+$m = \max_j x_j$ first (the log-sum-exp trick):
+
+$$\log \operatorname{softmax}(x)_i = (x_i - m) - \log \sum_j e^{x_j - m} \in (-\infty, 0].$$
+
+SFT averages the negative logprob of the response tokens only; the prompt's positions
+carry the label ``-100`` and no loss. With $k$ response tokens,
+
+$$\mathcal{L} = -\frac{1}{k} \sum_{t \in \text{response}} \log p_\theta(y_{t+1} \mid y_{\le t}).$$
+
+Labels are *not* shifted by the caller: :func:`sft_loss` and :func:`chunked_sft_loss`
+shift them inside (position $t$'s logits predict label $t+1$), as the transformers
+library's models do, so that ``sft_loss(model(ids).logits, labels)`` equals
+``model(ids, labels=labels).loss``.
+
+Half-precision inputs (``float16``, ``bfloat16``) are computed in ``float32``, as
+torch's own kernels accumulate them; :func:`log_softmax` returns the input's dtype,
+the losses return ``float32``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100  # the label of a position that carries no loss (same as llmbook.data)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "chunked_sft_loss",
+    "log_softmax",
+    "per_token_logps",
+    "selective_log_softmax",
+    "sft_loss",
+]
+
+# Rows of a [rows x V] block that selective_log_softmax processes at once: about 64 MiB
+# of float32 temporaries for V = 49152, whatever the batch.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision inputs (their range and precision are too small to sum exps)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_float(tensor, name: str) -> None:
+    if not torch.is_tensor(tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16, ...), got {tensor.dtype}")
+
+
+def _check_integer(tensor, name: str) -> None:
+    if not torch.is_tensor(tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of token ids (torch.long), got {tensor.dtype}")
+
+
+def _check_token_range(ids: torch.Tensor, vocab_size: int, name: str) -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"{name} must hold token ids in [0, {vocab_size}) (or the ignore_index), "
+            f"got values in [{int(ids.min())}, {int(ids.max())}]"
+        )
+
+
+def log_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    r"""Log-probabilities along ``dim``, in the stable form $(x - m) - \log \sum e^{x - m}$.
+
+    Subtracting the maximum $m$ leaves the result unchanged (numerator and denominator
+    of the softmax are both multiplied by $e^{-m}$) but makes every exponent $\le 0$:
+    no $e^{x}$ can overflow, and the largest term of the sum is exactly 1, so the
+    logarithm never sees 0. The naive ``log(softmax(x))`` instead overflows
+    (inf, then NaN) for large logits and underflows (``log 0 = -inf``) for small
+    probabilities, which fp16 and bf16 reach on ordinary logits (chapter 2).
+
+    Args:
+        logits: floating tensor, any shape.
+        dim: the dimension to normalise over (the vocabulary).
+
+    Returns:
+        a tensor of the same shape and dtype, every value in $(-\infty, 0]$.
+    """
+    _check_float(logits, "logits")
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least one dimension (the vocabulary), got a 0-d tensor")
+    x = logits.to(_compute_dtype(logits.dtype))
+    # m only shifts; its gradient cancels exactly, so it is treated as a constant.
+    m = x.detach().amax(dim=dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of all -inf stays -inf, like torch
+    shifted = x - m
+    return (shifted - shifted.exp().sum(dim=dim, keepdim=True).log()).to(logits.dtype)
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    r"""The log-probability of token ``index`` under ``logits``: $x_{\text{index}} - \log \sum_j e^{x_j}$.
+
+    Equal to ``log_softmax(logits).gather(-1, index)`` but without the full
+    ``[..., V]`` log-softmax: rows are processed in blocks, so only one block of
+    temporaries exists at a time when no gradient is recorded.
+
+    Args:
+        logits: floating tensor, shape ``(..., V)``.
+        index: integer token ids, shape ``(...)`` (one per row) or ``(..., K)`` (``K`` per row),
+            each in ``[0, V)``.
+
+    Returns:
+        log-probabilities of the shape of ``index``, ``float32`` for half-precision logits.
+    """
+    _check_float(logits, "logits")
+    _check_integer(index, "index")
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least one dimension (the vocabulary), got a 0-d tensor")
+    lead = logits.shape[:-1]
+    squeeze = index.shape == lead
+    if not squeeze and not (index.dim() == logits.dim() and index.shape[:-1] == lead):
+        raise ValueError(
+            f"index must have shape {tuple(lead)} or {tuple(lead)} + (K,) to match logits {tuple(logits.shape)}, "
+            f"got {tuple(index.shape)}"
+        )
+    vocab = logits.shape[-1]
+    _check_token_range(index, vocab, "index")
+    x = logits.reshape(-1, vocab)                                   # (N, V)
+    idx = index.reshape(x.shape[0], -1)                             # (N, K)
+    rows = max(1, _BLOCK_ELEMENTS // max(vocab, 1))
+    out = []
+    for start in range(0, x.shape[0], rows):
+        block = x[start : start + rows].to(_compute_dtype(x.dtype))  # (rows, V)
+        m = block.detach().amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        lse = m + (block - m).exp().sum(dim=-1, keepdim=True).log()  # (rows, 1) log sum exp
+        out.append(block.gather(-1, idx[start : start + rows]) - lse)
+    result = torch.cat(out) if out else x.new_empty((0, idx.shape[1]), dtype=_compute_dtype(x.dtype))
+    return result.reshape(index.shape)
+
+
+def _shift(labels: torch.Tensor, ignore_index: int):
+    """Labels of positions 1..T-1 (what positions 0..T-2 predict) and their loss mask."""
+    shifted = labels[..., 1:]
+    return shifted, shifted != ignore_index
+
+
+def _check_labels(labels, lead_shape, lead_name: str, ignore_index: int, vocab_size: int):
+    _check_integer(labels, "labels")
+    if labels.shape != lead_shape:
+        raise ValueError(
+            f"labels must have shape {tuple(lead_shape)} to match {lead_name}, got {tuple(labels.shape)}"
+        )
+    if labels.dim() < 1 or labels.shape[-1] < 2:
+        raise ValueError(f"labels need at least 2 positions along the sequence (T >= 2), got shape {tuple(labels.shape)}")
+    target, mask = _shift(labels, ignore_index)
+    if not bool(mask.any()):
+        raise ValueError(
+            f"labels have no response token: after the shift every label equals ignore_index ({ignore_index}), "
+            "so the loss would be 0/0. Check the prompt masking and truncation (max_length)."
+        )
+    _check_token_range(target[mask], vocab_size, "labels")
+    return target, mask
+
+
+def per_token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX):
+    r"""Per-position $\log p(y_{t+1} \mid y_{\le t})$ and the mask of positions that carry loss.
+
+    Args:
+        logits: shape ``(..., T, V)``.
+        labels: token ids, shape ``(..., T)``, not shifted; ``ignore_index`` marks no loss.
+        ignore_index: the label of positions without loss.
+
+    Returns:
+        ``(logps, mask)``, both of shape ``(..., T - 1)``: position ``t`` holds the logprob of
+        label ``t + 1`` (0 where masked) and ``mask`` is True where that label counts.
+    """
+    _check_float(logits, "logits")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape (..., T, V), got {tuple(logits.shape)}")
+    target, mask = _check_labels(labels, logits.shape[:-1], f"logits {tuple(logits.shape)}", ignore_index,
+                                 logits.shape[-1])
+    logps = selective_log_softmax(logits[..., :-1, :], target.masked_fill(~mask, 0))
+    return logps.masked_fill(~mask, 0.0), mask
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    r"""The SFT loss $-\frac{1}{k}\sum \log p(y_{t+1} \mid y_{\le t})$ over the $k$ response tokens.
+
+    The labels are shifted inside: position $t$'s logits are scored against label
+    $t + 1$. Positions labelled ``ignore_index`` (the prompt, the padding) carry no loss.
+    The value equals the transformers models' loss ``model(ids, labels=labels).loss``.
+
+    Args:
+        logits: shape ``(B, T, V)`` (any leading dimensions), floating.
+        labels: token ids, shape ``(B, T)``, integer, not shifted.
+        ignore_index: the label of positions without loss.
+
+    Returns:
+        a ``float32`` scalar (``float64`` for ``float64`` logits).
+
+    Raises:
+        TypeError: non-floating logits or non-integer labels.
+        ValueError: mismatched shapes, fewer than 2 positions, labels outside ``[0, V)``,
+            or no response token at all.
+    """
+    _check_float(logits, "logits")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape (..., T, V), got {tuple(logits.shape)}")
+    target, mask = _check_labels(labels, logits.shape[:-1], f"logits {tuple(logits.shape)}", ignore_index,
+                                 logits.shape[-1])
+    # Only the k response positions are scored: (k, V) logits against (k,) labels.
+    return -selective_log_softmax(logits[..., :-1, :][mask], target[mask]).mean()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    r"""Mean cross-entropy of ``h @ weight.T`` against ``target``, one chunk of rows at a time.
+
+    The gradient of the mean cross-entropy with respect to a row's logits has a closed
+    form, $(\operatorname{softmax}(x) - \operatorname{onehot}(y)) / n$, so each chunk's
+    gradients with respect to ``h`` and ``weight`` are computed right after its loss,
+    while its logits exist; the chunk's logits are then dropped. Peak memory holds one
+    chunk of logits instead of all ``n``, and no logits are recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, target, chunk_size, need_h, need_w):
+        n = h.shape[0]
+        acc = _compute_dtype(h.dtype)  # float32, or float64 for float64 inputs
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None                                  # (n, H)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None  # (V, H)
+        for start in range(0, n, chunk_size):
+            h_c, y_c = h[start : start + chunk_size], target[start : start + chunk_size]  # (C, H), (C,)
+            z = (h_c @ weight.T).to(acc)                   # (C, V): the only logits alive
+            z_y = z.gather(1, y_c[:, None])                # (C, 1) the label's logit
+            m = z.amax(dim=1, keepdim=True)
+            z.sub_(m).exp_()                               # e^(x - m), in place
+            s = z.sum(dim=1, keepdim=True)
+            total += (m + s.log() - z_y).sum(dtype=torch.float64)  # sum of log sum exp(x) - x_y
+            if need_h or need_w:
+                z.div_(s)                                  # softmax
+                z[torch.arange(len(y_c), device=z.device), y_c] -= 1.0
+                z.mul_(1.0 / n)                            # dL/dx for the mean over n tokens
+                g = z.to(weight.dtype)
+                if need_h:
+                    grad_h[start : start + chunk_size] = g @ weight
+                if need_w:
+                    grad_w.addmm_(z.T, h_c.to(acc))
+                del g
+            del z  # free this chunk's logits before the next chunk allocates its own
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        return (total / n).to(acc)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError(
+                "chunked_sft_loss computes its gradients during the forward pass and hands them out once: "
+                "call backward through it only once (retain_graph=True is not supported)"
+            )
+        grad_h, grad_w = grads
+        grad_h = None if grad_h is None else grad_h.mul_(grad_loss.to(grad_h.dtype))
+        grad_w = None if grad_w is None else grad_w.mul_(grad_loss.to(grad_w.dtype))
+        return grad_h, grad_w, None, None, None, None
+
+
+def chunked_sft_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 256,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    r""":func:`sft_loss` of ``hidden @ lm_head_weight.T``, without the full ``[tokens x V]`` logits.
+
+    Only the response positions are scored, ``chunk_size`` rows at a time: each chunk's
+    logits, loss and gradients are computed and the logits dropped before the next
+    chunk. The value and the gradients (with respect to ``hidden`` and
+    ``lm_head_weight``) equal those of ``sft_loss(hidden @ lm_head_weight.T, labels)``,
+    while the extra memory is one ``[chunk_size x V]`` block plus one gradient of the
+    weight, instead of several ``[tokens x V]`` tensors (logits, log-softmax, their
+    gradient). Backward may run once through the result (no ``retain_graph``).
+
+    Args:
+        hidden: the final hidden states (after the last norm), shape ``(B, T, H)``, floating.
+        lm_head_weight: the LM head's weight, shape ``(V, H)`` (tied to the input
+            embedding in many models), same dtype as ``hidden``.
+        labels: token ids, shape ``(B, T)``, not shifted; ``ignore_index`` marks no loss.
+        chunk_size: rows of logits computed at once (larger is faster, up to a point,
+            and uses more memory).
+        ignore_index: the label of positions without loss.
+
+    Returns:
+        a ``float32`` scalar (``float64`` for ``float64`` inputs).
+    """
+    _check_float(hidden, "hidden")
+    _check_float(lm_head_weight, "lm_head_weight")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    if lm_head_weight.dim() != 2:
+        raise ValueError(f"lm_head_weight must have shape (V, H), got {tuple(lm_head_weight.shape)}")
+    if hidden.dim() < 2 or hidden.shape[-1] != lm_head_weight.shape[1]:
+        raise ValueError(
+            f"hidden must have shape (..., T, H) with H = {lm_head_weight.shape[1]} (lm_head_weight's columns), "
+            f"got {tuple(hidden.shape)}"
+        )
+    if hidden.dtype != lm_head_weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and lm_head_weight ({lm_head_weight.dtype}) must share one dtype")
+    if hidden.device != lm_head_weight.device:
+        raise ValueError(f"hidden ({hidden.device}) and lm_head_weight ({lm_head_weight.device}) must share one device")
+    target, mask = _check_labels(labels, hidden.shape[:-1], f"hidden {tuple(hidden.shape)}", ignore_index,
+                                 lm_head_weight.shape[0])
+    h = hidden[..., :-1, :][mask]                                  # (k, H) response positions only
+    grad = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(h, lm_head_weight, target[mask], chunk_size,
+                                     grad and h.requires_grad, grad and lm_head_weight.requires_grad)

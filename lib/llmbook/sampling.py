@@ -1,0 +1,391 @@
+r"""Decoding with temperature, top-k, top-p and min-p, and a sampling loop with a KV cache.
+
+A language model gives, at each step, logits $x \in \mathbb{R}^V$ over the vocabulary.
+Sampling turns them into a next token in three moves, each a small pure function here:
+
+1. **temperature** divides the logits, $x / T$. Since
+   $\log p_i - \log p_j = (x_i - x_j) / T$, a small $T$ widens every gap between tokens
+   (the output becomes more deterministic; $T \to 0$ is argmax) and a large $T$ narrows
+   them (more diverse; $T \to \infty$ is uniform).
+2. **filters** set the logits of unwanted tokens to $-\infty$:
+   top-k keeps the $k$ largest, top-p (nucleus) keeps the smallest set of most probable
+   tokens whose probabilities sum to at least $p$, and min-p keeps the tokens whose
+   probability is at least $p_{\min} \cdot \max_j p_j$.
+3. **softmax** over what is left (the kept probabilities renormalised) and one
+   multinomial draw.
+
+The filters return exactly the tensors (``torch.equal``) of the transformers library's
+``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper`` and
+``MinPLogitsWarper``, ties and ``min_tokens_to_keep`` included, and :func:`generate`
+draws the same tokens as ``model.generate(do_sample=True, ...)`` under the same seed:
+both apply temperature, top-k, top-p, min-p in that order, then ``torch.multinomial``
+on the softmax.
+
+Chapter 6 explains all of this on SmolLM2-135M-Instruct.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+
+__all__ = [
+    "apply_temperature",
+    "generate",
+    "min_p_filter",
+    "sample_next_token",
+    "top_k_filter",
+    "top_p_filter",
+]
+
+FILTER_VALUE = -math.inf  # what a removed token's logit becomes
+
+
+def _check_logits(logits) -> None:
+    """Reject what would silently turn into NaN probabilities."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    if logits.ndim == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
+    if torch.isnan(logits).any():
+        raise ValueError("logits contain NaN; check the model's output before sampling")
+    if torch.isposinf(logits).any():
+        raise ValueError("logits contain +inf, which has no softmax; check the model's output before sampling")
+
+
+def _check_temperature(temperature, *, allow_zero: bool) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    low = 0.0 if allow_zero else math.nextafter(0.0, 1.0)
+    if not (temperature >= low and math.isfinite(temperature)):
+        allowed = "T >= 0 (0 means greedy)" if allow_zero else "T > 0 (use sample_next_token's temperature=0 for greedy)"
+        raise ValueError(f"temperature must be finite with {allowed}, got {temperature}")
+    return temperature
+
+
+def _check_count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _check_top_p(top_p) -> float:
+    if isinstance(top_p, bool) or not isinstance(top_p, Real):
+        raise TypeError(f"top_p must be a real number, got {type(top_p).__name__}")
+    top_p = float(top_p)
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return top_p
+
+
+def _check_min_p(min_p) -> float:
+    if isinstance(min_p, bool) or not isinstance(min_p, Real):
+        raise TypeError(f"min_p must be a real number, got {type(min_p).__name__}")
+    min_p = float(min_p)
+    if not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    return min_p
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    r"""Logits divided by the temperature, $x / T$.
+
+    $\operatorname{softmax}(x / T)_i \propto e^{x_i / T}$: the log-probability gap of two tokens
+    becomes $(x_i - x_j) / T$, wider for $T < 1$, narrower for $T > 1$.
+
+    Args:
+        logits: ``(..., V)`` floating-point logits.
+        temperature: $T > 0$ (greedy decoding, the limit $T \to 0$, is
+            ``sample_next_token(..., temperature=0)``).
+
+    Returns:
+        ``(..., V)`` the scaled logits (a new tensor).
+    """
+    _check_logits(logits)
+    temperature = _check_temperature(temperature, allow_zero=False)
+    return logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    r"""Keep the ``top_k`` largest logits of each row; the others become $-\infty$.
+
+    A token is kept when its logit is at least the $k$-th largest, so tokens tied with the
+    $k$-th are all kept (a row may keep more than $k$).
+
+    Args:
+        logits: ``(..., V)`` floating-point logits.
+        top_k: $k \ge 1$; values above $V$ keep everything.
+        min_tokens_to_keep: keep at least this many tokens ($k$ is raised to it).
+
+    Returns:
+        ``(..., V)`` the filtered logits.
+    """
+    _check_logits(logits)
+    top_k = _check_count(top_k, "top_k")
+    min_tokens_to_keep = _check_count(min_tokens_to_keep, "min_tokens_to_keep")
+    k = min(max(top_k, min_tokens_to_keep), logits.shape[-1])
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
+    return logits.masked_fill(logits < kth_largest, FILTER_VALUE)
+
+
+def _ascending_values(logits: torch.Tensor) -> torch.Tensor:
+    """The logits of each row sorted from smallest to largest (values only, no indices).
+
+    The sorted values are unique whatever the algorithm (tied tokens carry equal values),
+    so numpy's vectorised sort, several times faster than ``torch.sort`` on a CPU, gives
+    exactly the tensor ``torch.sort(logits).values`` would.
+    """
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.sort(logits.detach().numpy(), axis=-1))
+    return torch.sort(logits.detach(), dim=-1).values
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    r"""Nucleus filtering: keep the most probable tokens until their probability first reaches ``top_p``.
+
+    Sorted by probability, $p_{(1)} \ge p_{(2)} \ge \dots$, the kept set is the shortest
+    prefix $\{(1), \dots, (m)\}$ with $\sum_{i \le m} p_{(i)} \ge p$: the token at which the
+    sum first reaches $p$ is kept. Equivalently, a token is removed when the total
+    probability of it and every less probable token is at most $1 - p$, which is how it
+    is computed here (summing from the least probable token up, as the transformers
+    library does, so the floating-point sums agree to the bit).
+
+    Since the removed tokens are the least probable ones, the cut is a threshold on the
+    logit: every token below the smallest kept logit goes. Only when tokens tied with
+    that logit fall on both sides of the cut does it matter which of them the sort put
+    first; then the sort's own order decides, as in the transformers library.
+
+    Args:
+        logits: ``(..., V)`` floating-point logits.
+        top_p: $p \in (0, 1]$. At $p = 1$ only tokens of probability exactly 0 are removed.
+        min_tokens_to_keep: never keep fewer than this many tokens.
+
+    Returns:
+        ``(..., V)`` the filtered logits; the softmax of the result is the kept tokens'
+        probabilities renormalised to sum to 1.
+    """
+    _check_logits(logits)
+    top_p = _check_top_p(top_p)
+    min_tokens_to_keep = _check_count(min_tokens_to_keep, "min_tokens_to_keep")
+    V = logits.shape[-1]
+    ascending = _ascending_values(logits).to(logits.device)  # (..., V) least probable first
+    tail_mass = ascending.softmax(dim=-1).cumsum(dim=-1)  # (..., V) p of this token and of all below it
+    # tail_mass never decreases, so the removed tokens are a prefix of the ascending order.
+    n_removed = (tail_mass <= 1 - top_p).sum(dim=-1, keepdim=True)  # (..., 1)
+    n_removed = n_removed.clamp(max=max(V - min_tokens_to_keep, 0))  # the most probable ones always stay
+    smallest_kept = ascending.gather(-1, n_removed)  # (..., 1)
+    largest_removed = ascending.gather(-1, (n_removed - 1).clamp(min=0))
+    if ((n_removed > 0) & (largest_removed == smallest_kept)).any():
+        return _top_p_filter_by_rank(logits, top_p, min_tokens_to_keep)  # a tie straddles the cut
+    return logits.masked_fill(logits < smallest_kept, FILTER_VALUE)
+
+
+def _top_p_filter_by_rank(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int) -> torch.Tensor:
+    """Top-p decided token by token in sorted order; settles ties across the cut by the sort's order."""
+    ascending, order = torch.sort(logits, dim=-1, descending=False)
+    remove_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+    remove_sorted[..., -min_tokens_to_keep:] = False
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)  # back to vocabulary order
+    return logits.masked_fill(remove, FILTER_VALUE)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    r"""Min-p filtering: keep the tokens with $p_i \ge p_{\min} \cdot \max_j p_j$.
+
+    The cut scales with the model's confidence: a peaked distribution keeps few tokens,
+    a flat one keeps many (top-p behaves alike; top-k does not).
+
+    Args:
+        logits: ``(..., V)`` floating-point logits.
+        min_p: $p_{\min} \in [0, 1]$; 0 keeps everything, 1 keeps only the most probable token(s).
+        min_tokens_to_keep: never keep fewer than this many tokens.
+
+    Returns:
+        ``(..., V)`` the filtered logits.
+    """
+    _check_logits(logits)
+    min_p = _check_min_p(min_p)
+    min_tokens_to_keep = _check_count(min_tokens_to_keep, "min_tokens_to_keep")
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.amax(dim=-1, keepdim=True)  # (..., 1)
+    remove = probs < threshold
+    most_probable = torch.topk(probs, min(min_tokens_to_keep, probs.shape[-1]), dim=-1).indices
+    remove.scatter_(-1, most_probable, False)
+    return logits.masked_fill(remove, FILTER_VALUE)
+
+
+def _warp(logits: torch.Tensor, temperature: float, top_k, top_p: float, min_p) -> torch.Tensor:
+    """Temperature, then top-k, top-p, min-p, each only when it changes something (as transformers does)."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None:
+        k = min(top_k, logits.shape[-1])
+        logits = logits.masked_fill(logits < torch.topk(logits, k, dim=-1).values[..., -1:], FILTER_VALUE)
+    if top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    if min_p is not None:
+        logits = min_p_filter(logits, min_p)
+    return logits
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    min_p: float | None = None,
+) -> torch.Tensor:
+    r"""Draw one token per row from ``softmax(filter(logits / T))``; ``temperature=0`` is greedy.
+
+    Order as in the transformers library: temperature, top-k, top-p, min-p, softmax, then
+    ``torch.multinomial``. With ``generator=None`` the draw uses torch's global generator,
+    so ``torch.manual_seed(s)`` before sampling reproduces it.
+
+    Args:
+        logits: ``(B, V)`` or ``(V,)`` next-token logits.
+        temperature: $T \ge 0$; 0 takes the argmax and ignores the filters.
+        top_p: nucleus mass in (0, 1]; 1 turns top-p off.
+        top_k: keep the $k \ge 1$ largest logits; ``None`` turns top-k off.
+        generator: a ``torch.Generator`` for the draw, or ``None`` for the global one.
+        min_p: the min-p threshold in [0, 1], or ``None`` (off).
+
+    Returns:
+        ``(B,)`` (or a 0-d tensor for 1-D logits) token ids, ``torch.long``.
+    """
+    _check_logits(logits)
+    temperature = _check_temperature(temperature, allow_zero=True)
+    top_p = _check_top_p(top_p)
+    if top_k is not None:
+        top_k = _check_count(top_k, "top_k")
+    if min_p is not None:
+        min_p = _check_min_p(min_p)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if logits.ndim not in (1, 2):
+        raise ValueError(f"logits must have shape (V,) or (B, V), got {tuple(logits.shape)}")
+    if not torch.isfinite(logits).any(dim=-1).all():
+        raise ValueError("a row of logits is entirely -inf: no token can be drawn")
+    return _sample(logits, temperature, top_k, top_p, min_p, generator)
+
+
+def _sample(logits, temperature, top_k, top_p, min_p, generator) -> torch.Tensor:
+    """The checked core of :func:`sample_next_token` (``generate`` validates once, not every step)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = _warp(logits, temperature, top_k, top_p, min_p).softmax(dim=-1)
+    if logits.ndim == 1:
+        return torch.multinomial(probs, 1, generator=generator)[0]
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def _token_ids(value, name: str) -> list[int]:
+    if value is None:
+        return []
+    values = [value] if isinstance(value, Integral) else list(value)
+    if not all(isinstance(v, Integral) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{name} must be an int, a list of ints or None, got {value!r}")
+    return [int(v) for v in values]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""Sample (or, with ``temperature=0``, greedily decode) a continuation with a KV cache.
+
+    One forward over the prompt fills the cache; each later step feeds only the newest
+    token. Rows that produced an end-of-sequence token are padded with ``pad_token_id``
+    from then on, and generation stops early once every row has ended, as in the
+    transformers library. With ``generator=None`` and the same global seed the tokens
+    equal ``model.generate(do_sample=True, temperature=..., top_p=..., top_k=...)``
+    (pass ``top_k=0`` there for our ``top_k=None``: its default is 50).
+
+    Args:
+        model: a causal LM of the transformers library (forward takes ``cache=``).
+        input_ids: ``(B, P)`` prompt token ids; left-padded when rows differ in length.
+        max_new_tokens: how many tokens to add at most ($\ge 1$).
+        temperature, top_p, top_k, min_p: as in :func:`sample_next_token`.
+        attention_mask: ``(B, P)``, 0 on (left) padding; ``None`` means no padding.
+        eos_token_id: id(s) that end a row; ``None`` takes the model's generation config.
+        pad_token_id: fills ended rows; ``None`` takes the generation config's, else the first eos.
+        generator: a ``torch.Generator`` for the draws, or ``None`` for the global one.
+
+    Returns:
+        ``(B, P + n)`` the prompt followed by the $n \le$ ``max_new_tokens`` new tokens.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
+        raise ValueError("input_ids must be a (B, P) torch.long tensor")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids must hold at least one prompt token")
+    max_new_tokens = _check_count(max_new_tokens, "max_new_tokens")
+    temperature = _check_temperature(temperature, allow_zero=True)
+    top_p = _check_top_p(top_p)
+    top_k = None if top_k is None else _check_count(top_k, "top_k")
+    min_p = None if min_p is None else _check_min_p(min_p)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    config = getattr(model, "generation_config", None)
+    eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None), "eos_token_id")
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
+    if eos and pad_token_id is None:
+        raise ValueError("pad_token_id is needed to fill rows that ended; pass one")
+
+    device = model.device
+    input_ids = input_ids.to(device)
+    B, P = input_ids.shape
+    position_ids = None
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        attention_mask = attention_mask.to(device=device, dtype=torch.long)
+        if bool(attention_mask.all()):
+            attention_mask = None  # no padding: the causal mask alone is exact (and faster)
+        else:
+            # Positions count real tokens only, so a left-padded row starts at position 0.
+            position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, P)
+    eos_ids = torch.tensor(eos, device=device) if eos else None
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+
+    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()  # (B, V) the next-token logits, in fp32 like transformers
+        if torch.isnan(logits).any():
+            raise ValueError(f"the model produced NaN logits at step {step}")
+        token = _sample(logits, temperature, top_k, top_p, min_p, generator)  # (B,)
+        if eos_ids is not None:
+            token = torch.where(unfinished, token, pad_token_id)
+            unfinished &= ~torch.isin(token, eos_ids)
+        new_tokens.append(token)
+        if step == max_new_tokens - 1 or (eos_ids is not None and not unfinished.any()):
+            break
+        next_ids = token[:, None]  # (B, 1)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+        out = model(next_ids, attention_mask=attention_mask, position_ids=position_ids, cache=out.cache, use_cache=True)
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

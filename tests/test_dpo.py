@@ -1,0 +1,365 @@
+"""llmbook.dpo against TRL 1.16's DPOTrainer, torch, and the closed forms of chapter 7."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmbook import data, dpo, lora, models
+
+VOCAB = 49152  # the real tokenizer's vocabulary, so TRL can tokenise text for the tiny model
+
+PAIRS = [
+    {"prompt": "Say hi.", "chosen": "Hi there, friend!", "rejected": "No."},
+    {"prompt": "Count to three.", "chosen": "1, 2, 3.", "rejected": "1, 2, 3, 4, 5, 6, 7."},
+    {"prompt": "What is 2+2?", "chosen": "4", "rejected": "It is 5, I think."},
+    {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I cannot name one."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models.default_model_path())
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    return data.PreferenceCollator(tokenizer)(PAIRS)
+
+
+def tiny(seed, vocab_size=VOCAB):
+    return models.tiny_model(seed=seed, vocab_size=vocab_size)
+
+
+@pytest.fixture
+def small_batch():
+    """A preference batch of random tokens for a 256-token vocabulary: 3 pairs, prompts of 4-6 tokens."""
+    gen = torch.Generator().manual_seed(0)
+    batch = {}
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (4, 6, 5)]
+    for side, lengths in (("chosen", (3, 2, 5)), ("rejected", (6, 4, 2))):
+        ids = [p + torch.randint(3, 256, (n,), generator=gen).tolist() for p, n in zip(prompts, lengths)]
+        labels = [[-100] * len(p) + seq[len(p):] for p, seq in zip(prompts, ids)]
+        batch[f"{side}_input_ids"] = data.pad(ids, 2, length=12)
+        batch[f"{side}_attention_mask"] = data.pad([[1] * len(x) for x in ids], 0, length=12)
+        batch[f"{side}_labels"] = data.pad(labels, -100, length=12)
+    return batch
+
+
+def with_lora(model, seed=0, scale=0.05):
+    """Our LoRA on q/v with B made non-zero, so the policy differs from its reference."""
+    lora.apply_lora(model, ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * scale)
+    return model
+
+
+def torch_sequence_logps(logits, labels):
+    """The reference: torch's cross-entropy on shifted labels, summed per row."""
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+    return -nll.sum(dim=1)
+
+
+def trl_trainer(policy, ref, beta, tokenizer, outdir):
+    """TRL's DPOTrainer on PAIRS (as conversations), fp32 on the CPU, one step of all four pairs."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    conversations = Dataset.from_list([
+        {"prompt": [{"role": "user", "content": p["prompt"]}],
+         "chosen": [{"role": "assistant", "content": p["chosen"]}],
+         "rejected": [{"role": "assistant", "content": p["rejected"]}]}
+        for p in PAIRS
+    ])
+    # TRL defaults to bf16 autocast and gradient checkpointing; fp32 without checkpointing computes what we do.
+    args = DPOConfig(output_dir=str(outdir), use_cpu=True, report_to=[], bf16=False, gradient_checkpointing=False,
+                     beta=beta, per_device_train_batch_size=len(PAIRS), max_steps=1, logging_steps=1,
+                     learning_rate=1e-3, save_strategy="no", disable_tqdm=True)
+    return DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=conversations, processing_class=tokenizer)
+
+
+# ---------------------------------------------------------------- sequence_logps
+
+def test_sequence_logps_equals_torch_cross_entropy():
+    logits = torch.randn(3, 7, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[0, :3] = -100  # a prompt
+    labels[1, 5:] = -100  # padding
+    labels[2, :6] = -100  # one response token, the last
+    ours = dpo.sequence_logps(logits, labels)
+    torch.testing.assert_close(ours, torch_sequence_logps(logits.float(), labels))
+    assert ours.shape == (3,) and (ours < 0).all()
+
+
+def test_sequence_logps_equals_trl_fused_lm_head(batch):
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = tiny(0)
+    theirs_model = copy.deepcopy(model)
+    add_fused_lm_head(theirs_model)
+    ids, mask, labels = batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"]
+    with torch.no_grad():
+        ours = dpo.sequence_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
+        theirs = theirs_model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs.sum(1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
+def test_per_token_logps_mask_is_the_shifted_labels():
+    labels = torch.tensor([[-100, -100, 5, 6, -100]])
+    logps, mask = dpo.per_token_logps(torch.randn(1, 5, 8), labels)
+    assert mask.tolist() == [[False, True, True, False]]
+    assert (logps[~mask] == 0).all()
+
+
+# ---------------------------------------------------------------- concatenated forward
+
+def test_concatenated_forward_equals_two_separate_forwards(small_batch):
+    batch, model = small_batch, tiny(0, 256)
+    with torch.no_grad():
+        chosen, rejected = dpo.concatenated_forward(model, batch)
+        separate = [
+            torch_sequence_logps(model(input_ids=batch[f"{s}_input_ids"],
+                                       attention_mask=batch[f"{s}_attention_mask"]).logits, batch[f"{s}_labels"])
+            for s in ("chosen", "rejected")
+        ]
+    torch.testing.assert_close(chosen, separate[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(rejected, separate[1], rtol=1e-5, atol=1e-4)
+
+
+def test_concatenated_forward_without_logits_to_keep_gives_the_same(small_batch):
+    batch, model = small_batch, tiny(0, 256)
+
+    class PlainForward(torch.nn.Module):  # a model whose forward has no logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    with torch.no_grad():
+        kept = torch.stack(dpo.concatenated_forward(model, batch))
+        full = torch.stack(dpo.concatenated_forward(PlainForward(model), batch))
+    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-4)
+
+
+def test_our_response_tokens_are_trls(tokenizer, batch, tmp_path):
+    trainer = trl_trainer(tiny(0), tiny(1), 0.1, tokenizer, tmp_path)
+    for i, example in enumerate(trainer.train_dataset):
+        for side in ("chosen", "rejected"):
+            labels = batch[f"{side}_labels"][i]
+            assert labels[labels != -100].tolist() == example[f"{side}_ids"]
+            n = int(batch[f"{side}_attention_mask"][i].sum())
+            assert batch[f"{side}_input_ids"][i, :n].tolist() == example["prompt_ids"] + example[f"{side}_ids"]
+
+
+# ---------------------------------------------------------------- loss and metrics against TRL
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_loss_and_the_four_metrics_equal_trls_compute_loss(tokenizer, batch, beta, tmp_path):
+    policy, ref = tiny(0), tiny(1)
+    with torch.no_grad():
+        chosen, rejected = dpo.concatenated_forward(policy, batch)
+        ref_chosen, ref_rejected = dpo.concatenated_forward(ref, batch)
+    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
+    ours = dpo.reward_metrics(chosen_rewards, rejected_rewards)
+
+    trainer = trl_trainer(policy, ref, beta, tokenizer, tmp_path)
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    trainer.model.train()
+    with torch.no_grad():
+        their_loss = trainer.compute_loss(trainer.model, inputs)
+    theirs = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("rewards/")}
+    torch.testing.assert_close(losses.mean(), their_loss, rtol=1e-5, atol=1e-5)
+    assert set(ours) == set(theirs) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"}
+    for key in ours:
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-4), key
+    assert ours["rewards/margins"] != 0  # the two models differ, so the comparison can fail
+
+
+def test_one_step_of_trls_dpo_trainer_logs_our_numbers(tokenizer, batch, tmp_path):
+    policy, ref = tiny(0), tiny(1)
+    with torch.no_grad():
+        ours = dpo.compute_loss(policy, batch, beta=0.2, ref_model=ref)
+    trainer = trl_trainer(policy, ref, 0.2, tokenizer, tmp_path)
+    trainer.train()  # one step on the four pairs; the log holds the metrics of that step's batch
+    logged = trainer.state.log_history[0]
+    assert logged["loss"] == pytest.approx(ours[0].item(), abs=1e-4)
+    for key, value in ours[1].items():
+        assert logged[key] == pytest.approx(value, abs=1e-4), key
+
+
+# ---------------------------------------------------------------- closed forms
+
+def test_loss_is_ln2_when_the_policy_is_the_reference(small_batch):
+    batch, model = small_batch, tiny(0, 256)
+    lora.apply_lora(model, ["q_proj", "v_proj"], r=4, lora_alpha=8)  # B = 0: the policy is the base model
+    loss, metrics = dpo.compute_loss(model, batch, beta=0.1)
+    torch.testing.assert_close(loss, torch.tensor(math.log(2)))
+    assert metrics["rewards/margins"] == 0 and metrics["rewards/accuracies"] == 0
+
+
+def test_reference_by_disabling_lora_equals_a_frozen_copy(small_batch):
+    batch, base = small_batch, tiny(0, 256)
+    frozen = copy.deepcopy(base).requires_grad_(False)
+    model = with_lora(base)
+    ref = torch.stack(dpo.reference_logps(model, batch))
+    with torch.no_grad():
+        copy_logps = torch.stack(dpo.concatenated_forward(frozen, batch))
+        policy_logps = torch.stack(dpo.concatenated_forward(model, batch))
+    torch.testing.assert_close(ref, copy_logps)
+    assert (policy_logps - ref).abs().max() > 1e-3  # the adapters do change the policy
+
+
+def test_precomputed_reference_gives_the_same_loss(small_batch):
+    batch, model = small_batch, with_lora(tiny(0, 256))
+    on_the_fly = dpo.compute_loss(model, batch, beta=0.3)
+    [precomputed] = dpo.with_reference_logps(model, [batch])
+    assert set(precomputed) == set(batch) | {"ref_chosen_logps", "ref_rejected_logps"}
+    again = dpo.compute_loss(model, precomputed, beta=0.3)
+    torch.testing.assert_close(on_the_fly[0], again[0])
+    assert on_the_fly[1] == pytest.approx(again[1])
+
+
+def test_gradient_equals_the_closed_form(small_batch):
+    r"""grad L = -(beta/B) sum_i sigma(r_l - r_w)_i (grad log pi(y_w,i) - grad log pi(y_l,i))."""
+    batch, beta = small_batch, 0.5
+    model = with_lora(tiny(0, 256), scale=0.2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref_chosen, ref_rejected = dpo.reference_logps(model, batch)
+    chosen, rejected = dpo.concatenated_forward(model, batch)
+    losses, r_w, r_l = dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
+    autograd = torch.autograd.grad(losses.mean(), params)
+
+    coeff = torch.sigmoid(r_l - r_w)  # the dynamic coefficient, one per pair
+    assert (coeff - 0.5).abs().max() > 1e-3  # rewards are non-zero, so the coefficient is not trivially 1/2
+    closed = [torch.zeros_like(p) for p in params]
+    B = batch["chosen_input_ids"].shape[0]
+    for i in range(B):  # each log pi(y | x) on its own: one sequence, one gradient
+        for side, sign in (("chosen", 1.0), ("rejected", -1.0)):
+            logits = model(input_ids=batch[f"{side}_input_ids"][i:i + 1],
+                           attention_mask=batch[f"{side}_attention_mask"][i:i + 1]).logits
+            grads = torch.autograd.grad(torch_sequence_logps(logits, batch[f"{side}_labels"][i:i + 1]).sum(), params)
+            for total, g in zip(closed, grads):
+                total.add_(-beta / B * coeff[i] * sign * g)
+    for a, c in zip(autograd, closed):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+    assert max(a.abs().max() for a in autograd) > 1e-4
+
+
+def test_metrics_are_trls_definitions():
+    m = dpo.reward_metrics(torch.tensor([1.0, -1.0, 0.5]), torch.tensor([0.0, 0.0, 0.5]))
+    assert m == pytest.approx({"rewards/chosen": 1 / 6, "rewards/rejected": 1 / 6,
+                               "rewards/margins": 0.0, "rewards/accuracies": 1 / 3})
+
+
+def test_loss_is_stable_for_huge_margins():
+    big = torch.tensor([1e4])
+    losses, _, _ = dpo.dpo_loss(-big, big, torch.zeros(1), torch.zeros(1), beta=1.0)
+    torch.testing.assert_close(losses, big * 2)  # -log sigma(-2e4) = 2e4, not inf
+    losses, _, _ = dpo.dpo_loss(big, -big, torch.zeros(1), torch.zeros(1), beta=1.0)
+    assert losses.item() == 0.0
+
+
+# ---------------------------------------------------------------- bad input
+
+def four(n=2):
+    return [torch.zeros(n) for _ in range(4)]
+
+
+@pytest.mark.parametrize("beta", [0, -0.1, float("nan"), float("inf"), True, "0.1", None])
+def test_beta_must_be_a_positive_number(beta):
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+        dpo.dpo_loss(*four(), beta=beta)
+
+
+def test_mismatched_batch_sizes_are_named():
+    args = four()
+    args[3] = torch.zeros(3)
+    with pytest.raises(ValueError, match="mismatched batch sizes"):
+        dpo.dpo_loss(*args)
+
+
+def test_mismatched_chosen_and_rejected_batches(small_batch):
+    short = {k: (v[:2] if k.startswith("rejected") else v) for k, v in small_batch.items()}
+    with pytest.raises(ValueError, match="mismatched batch sizes: 3 chosen and 2 rejected"):
+        dpo.concatenated_forward(tiny(0, 256), short)
+
+
+def test_dpo_loss_input_types_shapes_and_values():
+    with pytest.raises(TypeError, match="policy_chosen_logps must be a tensor"):
+        dpo.dpo_loss([0.0], *four(1)[1:])
+    with pytest.raises(ValueError, match=r"shape \(B,\)"):
+        dpo.dpo_loss(torch.zeros(2, 1), *four()[1:])
+    args = four()
+    args[1] = torch.tensor([0.0, -float("inf")])
+    with pytest.raises(ValueError, match="policy_rejected_logps has non-finite"):
+        dpo.dpo_loss(*args)
+
+
+def test_labels_with_no_response_token_are_an_error():
+    labels = torch.tensor([[-100, -100, 3, 4], [7, -100, -100, -100]])  # row 1's only label is dropped by the shift
+    with pytest.raises(ValueError, match=r"labels rows \[1\] have no response token"):
+        dpo.sequence_logps(torch.randn(2, 4, 9), labels)
+
+
+def test_a_pair_with_no_response_token_in_a_batch(small_batch):
+    broken = dict(small_batch)
+    broken["rejected_labels"] = small_batch["rejected_labels"].clone()
+    broken["rejected_labels"][2] = -100
+    with pytest.raises(ValueError, match=r"rows \[5\] of \[chosen; rejected\] have no response token"):
+        dpo.concatenated_forward(tiny(0, 256), broken)
+
+
+def test_sequence_logps_shape_and_range_errors():
+    with pytest.raises(ValueError, match=r"labels must have shape \(B, T\)"):
+        dpo.sequence_logps(torch.randn(2, 4, 9), torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="logits must be a floating"):
+        dpo.sequence_logps(torch.randn(2, 4), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="token ids in"):
+        dpo.sequence_logps(torch.randn(1, 3, 9), torch.tensor([[0, 9, 1]]))
+    with pytest.raises(TypeError, match="integer token ids"):
+        dpo.sequence_logps(torch.randn(1, 3, 9), torch.zeros(1, 3))
+
+
+def test_batch_keys_and_a_reference_are_required(small_batch):
+    with pytest.raises(ValueError, match="missing"):
+        dpo.concatenated_forward(tiny(0, 256), {"chosen_input_ids": small_batch["chosen_input_ids"]})
+    with pytest.raises(ValueError, match="pass ref_model"):
+        dpo.reference_logps(tiny(0, 256), small_batch)
+    with pytest.raises(ValueError, match="beta"):
+        dpo.compute_loss(tiny(0, 256), small_batch, beta=0, ref_model=tiny(1, 256))
+
+
+# ---------------------------------------------------------------- the data set
+
+def test_preference_file_is_the_generators_output_and_teaches_one_rule():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_preferences", data.data_dir() / "build_preferences.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    rows = data.read_jsonl("preferences.jsonl")
+    assert rows == builder.build()
+    splits = {s: [r for r in rows if r["split"] == s] for s in ("train", "test")}
+    assert len(splits["train"]) >= 60 and len(splits["test"]) >= 16
+    assert not {r["prompt"] for r in splits["train"]} & {r["prompt"] for r in splits["test"]}
+    for r in rows:
+        assert r["rejected"].startswith(r["chosen"] + " ") and r["chosen"].count(".") == 1
+
+
+def test_logits_to_keep_starts_one_before_the_earliest_answer_token():
+    labels = torch.full((2, 8), -100)
+    labels[0, 3:6] = 1
+    labels[1, 5:] = 1
+    assert dpo.logits_to_keep(labels) == 6  # positions 2..7: position 2 predicts token 3
+    labels[1, 0] = 1
+    assert dpo.logits_to_keep(labels) == 8

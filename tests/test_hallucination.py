@@ -1,0 +1,290 @@
+"""Tests of chapter 5's data builder and Known/Unknown probe (llmbook.hallucination).
+
+References: transformers' own ``generate`` and forward pass (greedy answers, their
+probabilities, the SFT loss), and answers written by hand.
+"""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmbook import data, hallucination as H
+from llmbook.models import default_model_path, tiny_model
+
+ROOT = Path(__file__).parents[1]
+
+
+def _load_builder():
+    spec = importlib.util.spec_from_file_location("build_closed_book_qa", ROOT / "data" / "build_closed_book_qa.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def builder():
+    return _load_builder()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    # The real tokenizer's vocabulary on a tiny random model: real chat prompts, millisecond forwards.
+    return tiny_model(seed=0, vocab_size=len(tokenizer))
+
+
+# ---------------------------------------------------------------- the data builder
+
+def test_committed_file_is_what_the_builder_writes(builder, tmp_path):
+    out = builder.main(["--out", str(tmp_path / "qa.jsonl")])
+    assert out.read_text(encoding="utf-8") == (ROOT / "data" / "closed_book_qa.jsonl").read_text(encoding="utf-8")
+
+
+def test_builder_is_deterministic_and_the_seed_matters(builder):
+    assert builder.build() == builder.build()
+    a = [r for r in builder.build(seed=1) if r["world"] == "invented"]
+    b = [r for r in builder.build(seed=2) if r["world"] == "invented"]
+    assert [r["subject"] for r in a] != [r["subject"] for r in b]
+
+
+def test_rows_are_complete_and_consistent(builder):
+    rows = builder.build()
+    assert len({r["id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert set(r) == {"id", "relation", "subject", "question", "answer", "aliases", "stem", "response", "world"}
+        assert r["question"] == builder.TEMPLATES[r["relation"]].format(subject=r["subject"])
+        assert r["response"].startswith(r["stem"] + " " + r["answer"]) and r["response"].endswith(".")
+        assert r["subject"] in r["stem"] or r["subject"].capitalize() in r["stem"]
+        # The question never gives the answer away (an echo must not count as right).
+        assert not H.is_correct(r["question"], r["answer"]) or r["relation"] == "city_country"
+        assert not H.is_correct(r["stem"], r["answer"], r["aliases"])
+    counts = {w: sum(r["world"] == w for r in rows) for w in ("world", "invented")}
+    assert counts["world"] > 200 and counts["invented"] == sum(builder.N_INVENTED.values())
+
+
+def test_invented_names_are_new(builder):
+    rows = builder.build()
+    real = {n.lower() for r in rows if r["world"] == "world" for n in (r["subject"], r["answer"], *r["aliases"])}
+    invented = [r for r in rows if r["world"] == "invented"]
+    names = [r["subject"].lower() for r in invented]
+    names += [r["answer"].lower() for r in invented if r["relation"] == "country_capital"]
+    assert len(set(names)) == len(names) and not set(names) & real
+    # An invented city's answer is a real country, so the question has a right answer to score.
+    countries = {r["subject"] for r in rows if r["relation"] == "country_capital" and r["world"] == "world"}
+    assert all(r["answer"] in countries for r in invented if r["relation"] == "city_country")
+
+
+def test_builder_rejects_bad_counts(builder):
+    with pytest.raises(ValueError, match="unknown relations"):
+        builder.invented_rows(counts={"planet_moon": 3})
+    with pytest.raises(ValueError, match="integers >= 0"):
+        builder.invented_rows(counts={"country_capital": -1})
+
+
+def test_stem_tokens_are_a_prefix_of_the_training_example(tokenizer):
+    # The probe feeds chat prompt + stem; fine-tuning trains on chat prompt + response.
+    # The first must tokenise to a prefix of the second, or probe and training disagree.
+    for r in data.read_jsonl("closed_book_qa.jsonl"):
+        probe_ids = tokenizer(data.chat_prompt(tokenizer, r["question"], "Answer briefly.") + r["stem"],
+                              add_special_tokens=False).input_ids
+        train_ids = data.encode_sft(tokenizer, r["question"], r["response"], system="Answer briefly.")["input_ids"]
+        assert train_ids[: len(probe_ids)] == probe_ids, r["id"]
+
+
+# ---------------------------------------------------------------- matching answers
+
+@pytest.mark.parametrize("response, answer, aliases, expected", [
+    ("The capital of France is Paris.", "Paris", [], True),
+    ("paris", "Paris", [], True),
+    ("The capital of Colombia is Bogota", "Bogotá", [], True),
+    ("It is BOGOTÁ!", "Bogota", [], True),
+    ("The capital of Ukraine is Kiev.", "Kyiv", ["Kiev"], True),
+    ("The capital of Ukraine is Lviv.", "Kyiv", ["Kiev"], False),
+    ("Rotterdam is in the Netherlands.", "the Netherlands", [], True),
+    ("The capital is Kingstonia.", "Kingston", [], False),  # whole words only
+    ("Port-au-Prince", "Port-au-Prince", [], True),
+    ("Port au Prince, Haiti", "Port-au-Prince", [], True),
+    ("Porto-Bano", "Porto-Novo", [], False),
+    ("Yemen's capital: Sana'a", "Sanaa", [], True),
+    ("", "Paris", [], False),
+])
+def test_is_correct_on_hand_made_answers(response, answer, aliases, expected):
+    assert H.is_correct(response, answer, aliases) is expected
+
+
+def test_normalize_answer():
+    assert H.normalize_answer("  The  Bogotá! ") == "bogota"
+    assert H.normalize_answer("Washington, D.C.") == "washington d c"
+    assert H.normalize_answer("A an THE") == ""
+    with pytest.raises(TypeError, match="text must be a str"):
+        H.normalize_answer(None)
+    with pytest.raises(ValueError, match="answer must contain"):
+        H.is_correct("anything", "?!")
+
+
+@pytest.mark.parametrize("greedy, samples, category", [
+    (True, [True, True, True], "HighlyKnown"),
+    (True, [True, False, True], "MaybeKnown"),
+    (False, [False, True, False], "WeaklyKnown"),
+    (False, [False, False, False], "Unknown"),
+])
+def test_knowledge_category(greedy, samples, category):
+    assert H.knowledge_category(greedy, samples) == category
+    assert (category in H.KNOWN) == greedy
+
+
+def test_metrics_on_hand_made_verdicts():
+    assert H.accuracy([True, False, True, True]) == 0.75
+    correct = [True, False, False, False]
+    confidence = [0.9, 0.9, 0.5, 0.1]
+    # Wrong with p >= 0.5: the second and third answers.
+    assert H.confident_wrong_rate(correct, confidence) == 0.5
+    assert H.confident_wrong_rate(correct, confidence, threshold=0.0) == 0.75
+    with pytest.raises(ValueError, match="differ in length"):
+        H.confident_wrong_rate([True], [0.1, 0.2])
+    with pytest.raises(ValueError, match="threshold must be in"):
+        H.confident_wrong_rate([True], [0.1], threshold=1.5)
+    with pytest.raises(ValueError, match="empty"):
+        H.accuracy([])
+
+
+# ---------------------------------------------------------------- the probe, on the tiny model
+
+QUESTIONS = ["What is the capital of France?", "In which country is the city of Osaka?",
+             "What is the capital of the Czech Republic, a country in central Europe?"]
+STEMS = ["The capital of France is", "Osaka is in", "The capital of the Czech Republic is"]
+
+
+def _reference_greedy(model, tokenizer, question, stem, max_new_tokens):
+    """transformers' generate on one unpadded prompt: the reference for our batched loop."""
+    text = data.chat_prompt(tokenizer, question, "Answer briefly.") + stem
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         output_scores=True, return_dict_in_generate=True)
+    new = out.sequences[0, ids.shape[1]:]
+    logp = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, new)]
+    stop = next((i + 1 for i, t in enumerate(new.tolist()) if t == tokenizer.eos_token_id), len(new))
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), math.exp(sum(logp[:stop])), math.exp(logp[0])
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_greedy_answers_match_transformers_generate(model, tokenizer, batch_size):
+    answers = H.generate_answers(model, tokenizer, QUESTIONS, stems=STEMS, system="Answer briefly.",
+                                 max_new_tokens=5, batch_size=batch_size)
+    for q, s, g, p, p1 in zip(QUESTIONS, STEMS, answers.greedy, answers.greedy_prob, answers.first_prob):
+        ref, ref_p, ref_p1 = _reference_greedy(model, tokenizer, q, s, 5)
+        assert g == ref
+        assert p == pytest.approx(ref_p, rel=1e-4) and p1 == pytest.approx(ref_p1, rel=1e-4)
+    assert answers.samples == []
+
+
+def test_samples_are_reproducible_and_follow_the_temperature(model, tokenizer):
+    def run(seed, temperature):
+        return H.generate_answers(model, tokenizer, QUESTIONS, stems=STEMS, num_samples=4, temperature=temperature,
+                                  max_new_tokens=4, generator=torch.Generator().manual_seed(seed)).samples
+
+    first = run(0, 1.0)
+    assert first == run(0, 1.0) and first != run(1, 1.0)
+    assert all(len(s) == 4 for s in first)
+    # A temperature near 0 makes every sample the greedy answer.
+    greedy = H.generate_answers(model, tokenizer, QUESTIONS, stems=STEMS, max_new_tokens=4).greedy
+    assert [set(s) for s in run(0, 1e-4)] == [{g} for g in greedy]
+
+
+def test_generate_answers_rejects_bad_arguments(model, tokenizer):
+    for kwargs, message in [({"num_samples": -1}, "num_samples"), ({"temperature": 0.0}, "temperature"),
+                            ({"max_new_tokens": 0}, "max_new_tokens"), ({"batch_size": 0}, "batch_size"),
+                            ({"stems": ["only one"]}, "stems")]:
+        with pytest.raises(ValueError, match=message):
+            H.generate_answers(model, tokenizer, QUESTIONS, **kwargs)
+    with pytest.raises(ValueError, match="questions"):
+        H.generate_answers(model, tokenizer, "What is the capital of France?")
+
+
+def test_probe_sorts_questions_by_what_the_model_says(model, tokenizer):
+    # Gold answers made from the tiny model's own greedy answers are Known by construction;
+    # a gold answer it never writes is Unknown.
+    greedy = H.generate_answers(model, tokenizer, QUESTIONS, stems=STEMS, max_new_tokens=3).greedy
+    assert all(H.normalize_answer(g) for g in greedy)
+    rows = [{"question": q, "stem": s, "answer": g} for q, s, g in zip(QUESTIONS, STEMS, greedy)]
+    rows.append({"question": QUESTIONS[0], "stem": STEMS[0], "answer": "Zzyzxquorble"})
+    result = H.probe(model, tokenizer, rows, num_samples=3, max_new_tokens=3,
+                     generator=torch.Generator().manual_seed(0))
+    assert [r["known"] for r in result] == [True, True, True, False]
+    assert result[-1]["category"] == "Unknown" and result[-1]["p_sample_correct"] == 0.0
+    for r in result:
+        assert r["category"] == H.knowledge_category(r["greedy_correct"], [H.is_correct(s, r["answer"]) for s in r["samples"]])
+    with pytest.raises(ValueError, match="num_samples"):
+        H.probe(model, tokenizer, rows, num_samples=0)
+
+
+# ---------------------------------------------------------------- the loss by group
+
+def test_qa_collator_trains_only_the_answer(tokenizer):
+    rows = [{"question": "What is the capital of France?", "stem": "The capital of France is",
+             "response": "The capital of France is Paris.", "unknown": False},
+            {"question": "In which country is the city of Osaka?", "stem": "Osaka is in",
+             "response": "Osaka is in Japan.", "unknown": True}]
+    batch = H.QACollator(tokenizer, system="Answer briefly.")(rows)
+    plain = data.SFTCollator(tokenizer, system="Answer briefly.")([{"prompt": r["question"], "response": r["response"]}
+                                                                   for r in rows])
+    assert torch.equal(batch["input_ids"], plain["input_ids"])
+    for i, answer in enumerate([" Paris.", " Japan."]):
+        kept = batch["labels"][i][batch["labels"][i] != data.IGNORE_INDEX]
+        assert tokenizer.decode(kept) == answer + "<|im_end|>\n"
+        # Where a label is kept, it is the plain SFT label.
+        keep = batch["labels"][i] != data.IGNORE_INDEX
+        assert torch.equal(batch["labels"][i][keep], plain["labels"][i][keep])
+    assert batch["unknown"].tolist() == [False, True]
+    with pytest.raises(ValueError, match="does not start with its stem"):
+        H.QACollator(tokenizer)([dict(rows[0], stem="Osaka is in")])
+
+
+def test_sft_loss_by_group_equals_the_models_own_loss(model, tokenizer):
+    examples = [{"prompt": q, "response": s + " X."} for q, s in zip(QUESTIONS, STEMS)]
+    examples.append({"prompt": "Hi", "response": "Hello there, how can I help you today?"})
+    batch = data.SFTCollator(tokenizer)(examples)
+    batch["unknown"] = torch.tensor([False, True, False, True])
+    loss, metrics = H.sft_loss_by_group(model, batch)
+    reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    torch.testing.assert_close(loss, reference)
+    for name, rows in (("known", [0, 2]), ("unknown", [1, 3])):
+        sub = {k: v[rows] for k, v in batch.items()}
+        ref = model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"], labels=sub["labels"]).loss
+        assert metrics[f"loss/{name}"] == pytest.approx(ref.item(), rel=1e-5)
+    # The gradient is the model's own loss's gradient, too.
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    g_ours = torch.autograd.grad(H.sft_loss_by_group(model, batch)[0], weight)[0]
+    g_ref = torch.autograd.grad(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      labels=batch["labels"]).loss, weight)[0]
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_sft_loss_by_group_leaves_out_an_absent_group_and_checks_its_input(model, tokenizer):
+    batch = data.SFTCollator(tokenizer)([{"prompt": q, "response": "Paris."} for q in QUESTIONS])
+    with pytest.raises(ValueError, match="unknown"):
+        H.sft_loss_by_group(model, batch)
+    batch["unknown"] = torch.zeros(3, dtype=torch.bool)
+    _, metrics = H.sft_loss_by_group(model, batch)
+    assert set(metrics) == {"loss/known"}
+    batch["labels"] = torch.full_like(batch["labels"], data.IGNORE_INDEX)
+    with pytest.raises(ValueError, match="no response token"):
+        H.sft_loss_by_group(model, batch)
+
+
+def test_the_data_file_is_valid_json_lines():
+    lines = (ROOT / "data" / "closed_book_qa.jsonl").read_text(encoding="utf-8").splitlines()
+    assert all(json.loads(line)["question"].endswith("?") for line in lines)

@@ -1,0 +1,355 @@
+"""llmbook.losses against torch (F.log_softmax, F.cross_entropy, autograd), transformers' model loss and TRL."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from llmbook import data, losses, models
+
+# Tolerances for a result rounded once to each dtype (a couple of units in the last place).
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models.default_model_path())
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok
+
+
+def masked_labels(B=3, T=12, V=50, prompt=4, pad=(0, 2, 5), seed=0):
+    """Labels with the first ``prompt`` positions and row-wise trailing padding set to -100."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :prompt] = -100
+    for row, n in enumerate(pad[:B]):
+        if n:
+            labels[row, -n:] = -100
+    return labels
+
+
+# ---------------------------------------------------------------- log_softmax
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [-1, 0, 1])
+def test_log_softmax_matches_torch(dtype, dim):
+    x = (torch.randn(5, 7, 33) * 4).to(dtype)
+    ours = losses.log_softmax(x, dim=dim)
+    assert ours.dtype == dtype and ours.shape == x.shape
+    torch.testing.assert_close(ours, F.log_softmax(x, dim=dim), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_log_softmax_is_stable_for_huge_logits(dtype):
+    x = torch.tensor([[1e4, 0.0, -1e4], [1e4, 1e4 - 1, 5.0], [-1e4, -1e4, -1e4]]).to(dtype)
+    naive = torch.log(torch.exp(x) / torch.exp(x).sum(-1, keepdim=True))
+    assert not torch.isfinite(naive).all(), "the naive formula must overflow here for the test to mean anything"
+    ours = losses.log_softmax(x)
+    ref = F.log_softmax(x, dim=-1)
+    torch.testing.assert_close(ours, ref, **TOL[dtype])
+    assert not ours.isnan().any() and (ours <= 0).all()
+    # The row maximum's logprob is exactly finite; the far-away token is correctly tiny.
+    assert ours[0, 0] == 0 and ours[0, 2] < -1e3
+
+
+def test_log_softmax_gradient_matches_torch():
+    x = torch.randn(4, 40, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, 40, dtype=torch.float64)
+    (g_ours,) = torch.autograd.grad((losses.log_softmax(x) * weights).sum(), x)
+    (g_ref,) = torch.autograd.grad((F.log_softmax(x, -1) * weights).sum(), x)
+    torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_log_softmax_rejects_integers_and_scalars():
+    with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
+        losses.log_softmax(torch.arange(5))
+    with pytest.raises(ValueError, match="at least one dimension"):
+        losses.log_softmax(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        losses.log_softmax([1.0, 2.0])
+
+
+# ---------------------------------------------------------------- selective_log_softmax
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_selective_log_softmax_equals_gather_of_log_softmax(dtype):
+    x = (torch.randn(3, 6, 100) * 3).to(dtype)
+    index = torch.randint(0, 100, (3, 6))
+    ref = F.log_softmax(x.float(), -1).gather(-1, index[..., None]).squeeze(-1)
+    ours = losses.selective_log_softmax(x, index)
+    assert ours.shape == index.shape and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # K indices per row.
+    index_k = torch.randint(0, 100, (3, 6, 4))
+    torch.testing.assert_close(losses.selective_log_softmax(x, index_k),
+                               F.log_softmax(x.float(), -1).gather(-1, index_k), rtol=1e-5, atol=1e-5)
+
+
+def test_selective_log_softmax_processes_many_rows_in_blocks(monkeypatch):
+    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 3 * 50)  # 3 rows per block: 7 blocks for 20 rows
+    x = torch.randn(20, 50, requires_grad=True)
+    index = torch.randint(0, 50, (20,))
+    ours = losses.selective_log_softmax(x, index)
+    ref = F.log_softmax(x, -1).gather(-1, index[:, None]).squeeze(-1)
+    torch.testing.assert_close(ours, ref)
+    g_ours, = torch.autograd.grad(ours.sum(), x)
+    g_ref, = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_selective_log_softmax_matches_trl():
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    if not hasattr(trl_utils, "selective_log_softmax"):
+        pytest.skip("this TRL has no selective_log_softmax")
+    x = torch.randn(2, 9, 64) * 5
+    index = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(losses.selective_log_softmax(x, index), trl_utils.selective_log_softmax(x, index))
+
+
+def test_selective_log_softmax_bad_index():
+    x = torch.randn(2, 5, 10)
+    with pytest.raises(TypeError, match="index must be an integer tensor"):
+        losses.selective_log_softmax(x, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"index must have shape \(2, 5\)"):
+        losses.selective_log_softmax(x, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        losses.selective_log_softmax(x, torch.full((2, 5), 10))
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        losses.selective_log_softmax(x, torch.full((2, 5), -100))
+
+
+# ---------------------------------------------------------------- sft_loss
+
+def test_sft_loss_equals_cross_entropy_on_shifted_labels():
+    logits = torch.randn(3, 12, 50, requires_grad=True)
+    labels = masked_labels()
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ours = losses.sft_loss(logits, labels)
+    torch.testing.assert_close(ours, ref)
+    g_ours, = torch.autograd.grad(ours, logits)
+    g_ref, = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(g_ours, g_ref)
+    # The closed form: mean over the k response tokens of -log p(label).
+    k = (labels[:, 1:] != -100).sum()
+    logp = F.log_softmax(logits.detach()[:, :-1], -1)
+    keep = labels[:, 1:] != -100
+    manual = -logp[keep].gather(-1, labels[:, 1:][keep][:, None]).sum() / k
+    torch.testing.assert_close(ours.detach(), manual)
+
+
+def test_sft_loss_ignore_index_is_configurable():
+    logits = torch.randn(2, 8, 30)
+    labels = masked_labels(B=2, T=8, V=30, pad=(0, 1))
+    custom = labels.masked_fill(labels == -100, 7777)
+    torch.testing.assert_close(losses.sft_loss(logits, custom, ignore_index=7777), losses.sft_loss(logits, labels))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sft_loss_in_half_precision_is_float32_and_close(dtype):
+    logits = torch.randn(3, 12, 50) * 3
+    labels = masked_labels()
+    ours = losses.sft_loss(logits.to(dtype), labels)
+    ref = F.cross_entropy(logits.to(dtype).float()[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1))
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref)
+
+
+def test_sft_loss_equals_the_transformers_model_loss(tokenizer):
+    """Real chat-template batch (prompt masked, right padding), a tiny Llama with SmolLM2's vocabulary."""
+    model = models.tiny_model(seed=1, vocab_size=len(tokenizer))
+    batch = data.SFTCollator(tokenizer)([
+        {"prompt": "What is 3 plus 4?", "response": "Answer: 7."},
+        {"prompt": "Write the word 'lemon' in capital letters.", "response": "Answer: LEMON."},
+    ])
+    out = model(**batch)
+    ours = losses.sft_loss(out.logits, batch["labels"])
+    torch.testing.assert_close(ours, out.loss)
+    params = [p for p in model.parameters()]
+    g_ours = torch.autograd.grad(ours, params, retain_graph=True)
+    g_ref = torch.autograd.grad(out.loss, params)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_per_token_logps_and_mask():
+    logits = torch.randn(3, 12, 50)
+    labels = masked_labels()
+    logps, mask = losses.per_token_logps(logits, labels)
+    assert logps.shape == mask.shape == (3, 11)
+    torch.testing.assert_close(mask, labels[:, 1:] != -100)
+    ref = F.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
+    torch.testing.assert_close(logps, ref * mask)
+    assert (logps[~mask] == 0).all() and (logps <= 0).all()
+    torch.testing.assert_close(-logps.sum() / mask.sum(), losses.sft_loss(logits, labels))
+
+
+@pytest.mark.parametrize("fn", ["sft_loss", "per_token_logps"])
+def test_sft_loss_bad_inputs_are_named(fn):
+    loss = getattr(losses, fn)
+    logits = torch.randn(2, 6, 20)
+    labels = torch.randint(0, 20, (2, 6))
+    with pytest.raises(ValueError, match="no response token"):
+        loss(logits, torch.full((2, 6), -100))
+    only_first = torch.full((2, 6), -100)
+    only_first[:, 0] = 3  # position 0 is never predicted: after the shift nothing is left
+    with pytest.raises(ValueError, match="no response token"):
+        loss(logits, only_first)
+    with pytest.raises(ValueError, match=r"labels must have shape \(2, 6\)"):
+        loss(logits, labels[:, :5])
+    with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
+        loss(logits.long(), labels)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        loss(logits, labels.float())
+    with pytest.raises(ValueError, match=r"labels must hold token ids in \[0, 20\)"):
+        loss(logits, labels.masked_fill(labels == labels[0, 3], 20).index_fill(1, torch.tensor([3]), 20))
+    with pytest.raises(ValueError, match="T >= 2"):
+        loss(logits[:, :1], labels[:, :1])
+    with pytest.raises(ValueError, match=r"\(\.\.\., T, V\)"):
+        loss(torch.randn(20), labels[0])
+
+
+# ---------------------------------------------------------------- chunked_sft_loss
+
+def naive_head_loss(hidden, weight, labels):
+    """The reference: full logits, then torch's cross-entropy on the shifted labels."""
+    logits = hidden[:, :-1] @ weight.T
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # upcast half, keep float64
+    return F.cross_entropy(logits.reshape(-1, weight.shape[0]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 1000])
+def test_chunked_loss_value_and_gradients_equal_full_logits(chunk_size):
+    V, H = 120, 24
+    hidden = torch.randn(3, 12, H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    labels = masked_labels(V=V)
+    ours = losses.chunked_sft_loss(hidden, weight, labels, chunk_size=chunk_size)
+    ref = naive_head_loss(hidden, weight, labels)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    # Scale the loss so the gradient must carry backward's incoming gradient too.
+    g_ours = torch.autograd.grad(2.5 * ours, [hidden, weight])
+    g_ref = torch.autograd.grad(2.5 * ref, [hidden, weight])
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # Prompt and padding positions get no gradient at all.
+    assert (g_ours[0][:, :3] == 0).all()
+
+
+def test_chunked_loss_float32_meets_the_books_tolerances():
+    V, H = 2000, 64
+    hidden = torch.randn(2, 65, H, requires_grad=True)
+    weight = (torch.randn(V, H) * 0.1).requires_grad_()
+    labels = torch.randint(0, V, (2, 65))
+    ours = losses.chunked_sft_loss(hidden, weight, labels, chunk_size=32)
+    ref = naive_head_loss(hidden, weight, labels)
+    assert ((ours - ref).abs() / ref.abs()).item() <= 1e-6
+    for a, b in zip(torch.autograd.grad(ours, [hidden, weight]), torch.autograd.grad(ref, [hidden, weight])):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_chunked_loss_equals_the_model_loss_with_tied_head():
+    """On a tiny Llama whose LM head is tied to the embedding: loss and every parameter's gradient."""
+    model = models.tiny_model(seed=2, vocab_size=300)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 300, (2, 10))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    out = model(input_ids=ids, labels=labels)
+    hidden = model.model(input_ids=ids).last_hidden_state
+    ours = losses.chunked_sft_loss(hidden, model.lm_head.weight, labels, chunk_size=5)
+    torch.testing.assert_close(ours, out.loss)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(out.loss, params)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_chunked_loss_half_precision_close_to_full_logits(dtype):
+    V, H = 300, 32
+    hidden = (torch.randn(2, 20, H)).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H) * 0.2).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (2, 20))
+    ours = losses.chunked_sft_loss(hidden, weight, labels, chunk_size=8)
+    ref = naive_head_loss(hidden, weight, labels)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=1e-2, atol=1e-2)
+    for a, b in zip(torch.autograd.grad(ours, [hidden, weight]), torch.autograd.grad(ref, [hidden, weight])):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (elements) any operation creates while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_chunked_loss_never_creates_the_full_logits():
+    N, V, H, chunk = 64, 1000, 16, 8
+    hidden = torch.randn(1, N + 1, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    labels = torch.randint(0, V, (1, N + 1))
+    with LargestTensor() as naive:
+        naive_head_loss(hidden, weight, labels).backward()
+    with LargestTensor() as ours:
+        losses.chunked_sft_loss(hidden, weight, labels, chunk_size=chunk).backward()
+    assert naive.largest == N * V                  # the full logits exist in the reference
+    assert ours.largest == max(chunk * V, V * H)   # one chunk of logits, or the weight's gradient
+
+
+def test_chunked_loss_without_grad_and_single_backward():
+    hidden = torch.randn(1, 9, 8, requires_grad=True)
+    weight = torch.randn(40, 8, requires_grad=True)
+    labels = torch.randint(0, 40, (1, 9))
+    with torch.no_grad():
+        value = losses.chunked_sft_loss(hidden, weight, labels)
+    torch.testing.assert_close(value, naive_head_loss(hidden, weight, labels).detach())
+    loss = losses.chunked_sft_loss(hidden, weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
+
+
+def test_chunked_loss_bad_inputs_are_named():
+    hidden = torch.randn(2, 6, 8)
+    weight = torch.randn(40, 8)
+    labels = torch.randint(0, 40, (2, 6))
+    with pytest.raises(ValueError, match="no response token"):
+        losses.chunked_sft_loss(hidden, weight, torch.full((2, 6), -100))
+    with pytest.raises(ValueError, match=r"labels must have shape \(2, 6\)"):
+        losses.chunked_sft_loss(hidden, weight, labels[:1])
+    with pytest.raises(ValueError, match="H = 8"):
+        losses.chunked_sft_loss(torch.randn(2, 6, 9), weight, labels)
+    with pytest.raises(ValueError, match=r"lm_head_weight must have shape \(V, H\)"):
+        losses.chunked_sft_loss(hidden, weight[0], labels)
+    with pytest.raises(TypeError, match="share one dtype"):
+        losses.chunked_sft_loss(hidden, weight.double(), labels)
+    with pytest.raises(TypeError, match="hidden must be a floating-point tensor"):
+        losses.chunked_sft_loss(hidden.long(), weight, labels)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        losses.chunked_sft_loss(hidden, weight, labels.float())
+    with pytest.raises(ValueError, match=r"\[0, 40\)"):
+        losses.chunked_sft_loss(hidden, weight, labels + 40)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
+            losses.chunked_sft_loss(hidden, weight, labels, chunk_size=bad)
+
+
+def test_ignore_index_agrees_with_the_data_module():
+    assert losses.IGNORE_INDEX == data.IGNORE_INDEX == -100

@@ -1,0 +1,331 @@
+"""llmbook.sampling against the transformers library's logits warpers and generate."""
+
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from llmbook import models
+from llmbook.sampling import (
+    apply_temperature,
+    generate,
+    min_p_filter,
+    sample_next_token,
+    top_k_filter,
+    top_p_filter,
+)
+
+V = 64
+
+
+def logits_with_ties(seed: int, batch: int = 6, vocab: int = V) -> torch.Tensor:
+    """Random logits rounded to a coarse grid (many exact ties), one row peaked and one flat."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.round(torch.randn(batch, vocab, generator=g) * 2) / 2  # values on a 0.5 grid: ties everywhere
+    x[0, 3] = 12.0  # nearly all the mass on one token
+    x[1] = 0.25  # all tokens tied
+    x[2, :5] = 4.0  # five tied leaders
+    return x
+
+
+SEEDS = [0, 1, 2]
+TEMPERATURES = [0.05, 0.5, 1.0, 1.7, 10.0]
+TOP_PS = [1e-6, 0.1, 0.5, 0.9, 0.999, 1.0]
+TOP_KS = [1, 3, 5, 17, V, V + 10]
+MIN_PS = [0.0, 0.01, 0.1, 0.5, 1.0]
+KEEPS = [1, 2, 7]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_temperature_equals_warper(seed, temperature):
+    x = logits_with_ties(seed)
+    assert torch.equal(apply_temperature(x, temperature), TemperatureLogitsWarper(temperature)(None, x))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("top_k", TOP_KS)
+@pytest.mark.parametrize("keep", KEEPS)
+def test_top_k_equals_warper(seed, top_k, keep):
+    x = logits_with_ties(seed)
+    ours = top_k_filter(x, top_k, min_tokens_to_keep=keep)
+    assert torch.equal(ours, TopKLogitsWarper(top_k, min_tokens_to_keep=keep)(None, x))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("top_p", TOP_PS)
+@pytest.mark.parametrize("keep", KEEPS)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_top_p_equals_warper(seed, top_p, keep, temperature):
+    x = logits_with_ties(seed) / temperature
+    ours = top_p_filter(x, top_p, min_tokens_to_keep=keep)
+    assert torch.equal(ours, TopPLogitsWarper(top_p, min_tokens_to_keep=keep)(None, x))
+    assert (torch.isfinite(ours).sum(-1) >= min(keep, V)).all()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("min_p", MIN_PS)
+@pytest.mark.parametrize("keep", KEEPS)
+def test_min_p_equals_warper(seed, min_p, keep):
+    x = logits_with_ties(seed)
+    ours = min_p_filter(x, min_p, min_tokens_to_keep=keep)
+    assert torch.equal(ours, MinPLogitsWarper(min_p, min_tokens_to_keep=keep)(None, x))
+
+
+@pytest.mark.parametrize("top_k", [2, 5])
+@pytest.mark.parametrize("top_p", [0.3, 0.9])
+def test_chained_filters_equal_chained_warpers(top_k, top_p):
+    x = logits_with_ties(7)
+    ours = top_p_filter(top_k_filter(apply_temperature(x, 0.7), top_k), top_p)
+    ref = x
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)):
+        ref = warper(None, ref)
+    assert torch.equal(ours, ref)
+
+
+def test_filters_equal_warpers_on_fp16_and_a_real_vocabulary_size():
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 49152, generator=g) * 3).half()
+    assert torch.equal(top_p_filter(x, 0.9), TopPLogitsWarper(0.9)(None, x))
+    assert torch.equal(top_k_filter(x, 50), TopKLogitsWarper(50)(None, x))
+    assert torch.equal(min_p_filter(x, 0.05), MinPLogitsWarper(0.05)(None, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("top_p", [1e-6, 0.3, 0.9, 0.99, 1.0])
+def test_top_p_equals_warper_on_continuous_logits(dtype, top_p):
+    """No ties, so the cut is a plain threshold on the logit (the path without a second sort)."""
+    x = (torch.randn(4, 5000, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    x[0, :10] = -math.inf  # tokens already removed by an earlier filter (probability 0)
+    assert torch.equal(top_p_filter(x, top_p), TopPLogitsWarper(top_p)(None, x))
+
+
+def test_top_p_with_a_tie_across_the_cut_follows_the_sort_order():
+    x = torch.zeros(3, 8)  # all tied: the tail sums are 1/8, 2/8, ...; p = 0.5 cuts inside the tie
+    ours = top_p_filter(x, 0.5)
+    assert torch.equal(ours, TopPLogitsWarper(0.5)(None, x))
+    assert (torch.isfinite(ours).sum(-1) == 4).all()
+
+
+def test_top_p_keeps_the_token_where_the_sum_first_reaches_p():
+    # p = (0.5, 0.3, 0.15, 0.05): the sums are 0.5, 0.8, 0.95, 1.0.
+    x = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    kept = lambda p: torch.isfinite(top_p_filter(x, p)).nonzero().flatten().tolist()  # noqa: E731
+    assert kept(0.4) == [0]
+    assert kept(0.7) == [0, 1]
+    assert kept(0.9) == [0, 1, 2]
+    assert kept(0.99) == [0, 1, 2, 3]
+    torch.testing.assert_close(top_p_filter(x, 0.7).softmax(-1), torch.tensor([0.625, 0.375, 0.0, 0.0]))
+
+
+def test_filters_work_on_one_dimensional_logits():
+    x = logits_with_ties(3)[3]
+    assert torch.equal(top_p_filter(x, 0.5), TopPLogitsWarper(0.5)(None, x[None])[0])
+    assert torch.equal(top_k_filter(x, 4), TopKLogitsWarper(4)(None, x[None])[0])
+
+
+def test_temperature_scales_log_probability_gaps():
+    x = torch.randn(10)
+    for t in (0.3, 3.0):
+        logp = torch.log_softmax(apply_temperature(x, t), -1)
+        torch.testing.assert_close(logp - logp[0], (x - x[0]) / t)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(temperature=0.7, top_p=0.9), dict(top_k=5, temperature=1.5),
+                                      dict(min_p=0.1)])
+def test_sample_next_token_draws_like_transformers(settings):
+    """Same warpers in the same order, then softmax and torch.multinomial with the global generator."""
+    x = logits_with_ties(11, batch=8)
+    torch.manual_seed(123)
+    ours = torch.stack([sample_next_token(x, **settings) for _ in range(20)])
+    ref_scores = x
+    if settings.get("temperature", 1.0) != 1.0:
+        ref_scores = TemperatureLogitsWarper(settings["temperature"])(None, ref_scores)
+    if "top_k" in settings:
+        ref_scores = TopKLogitsWarper(settings["top_k"])(None, ref_scores)
+    if settings.get("top_p", 1.0) < 1.0:
+        ref_scores = TopPLogitsWarper(settings["top_p"])(None, ref_scores)
+    if "min_p" in settings:
+        ref_scores = MinPLogitsWarper(settings["min_p"])(None, ref_scores)
+    torch.manual_seed(123)
+    probs = ref_scores.softmax(-1)
+    ref = torch.stack([torch.multinomial(probs, 1).squeeze(1) for _ in range(20)])
+    assert torch.equal(ours, ref)
+
+
+def test_sampling_is_reproducible_with_a_seed_or_a_generator():
+    x = torch.randn(4, V)
+    a = [sample_next_token(x, 1.2, generator=torch.Generator().manual_seed(9)) for _ in range(2)]
+    assert torch.equal(a[0], a[1])
+    torch.manual_seed(9)
+    b = sample_next_token(x, 1.2)
+    torch.manual_seed(9)
+    assert torch.equal(b, sample_next_token(x, 1.2))
+    g = torch.Generator().manual_seed(1)
+    draws = torch.stack([sample_next_token(x, 1.2, generator=g) for _ in range(30)])
+    assert len(set(draws[:, 0].tolist())) > 1, "successive draws from one generator differ"
+
+
+def test_temperature_zero_is_greedy_and_filtered_tokens_are_never_drawn():
+    x = torch.randn(5, V)
+    assert torch.equal(sample_next_token(x, temperature=0), x.argmax(-1))
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next_token(x, top_k=3, generator=g) for _ in range(200)])  # (200, 5)
+    top3 = x.topk(3).indices
+    assert all(d in top3[row] for row in range(5) for d in draws[:, row].tolist())
+    assert sample_next_token(x[0], temperature=0).ndim == 0
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    x = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next_token(x, temperature=0.8, top_p=0.8, generator=g) for _ in range(4000)])
+    freq = torch.bincount(draws.flatten(), minlength=5).float() / draws.numel()
+    expected = top_p_filter(x / 0.8, 0.8).softmax(-1)[0]
+    torch.testing.assert_close(freq, expected, atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda x: apply_temperature(x, 0.0), "temperature"),
+        (lambda x: apply_temperature(x, -1.0), "temperature"),
+        (lambda x: apply_temperature(x, math.inf), "temperature"),
+        (lambda x: sample_next_token(x, temperature=-0.5), "temperature"),
+        (lambda x: sample_next_token(x, temperature=math.nan), "temperature"),
+        (lambda x: top_p_filter(x, 0.0), r"top_p must be in \(0, 1\]"),
+        (lambda x: top_p_filter(x, 1.5), r"top_p must be in \(0, 1\]"),
+        (lambda x: top_p_filter(x, -0.1), r"top_p must be in \(0, 1\]"),
+        (lambda x: sample_next_token(x, top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (lambda x: top_p_filter(x, 0.5, min_tokens_to_keep=0), "min_tokens_to_keep"),
+        (lambda x: top_k_filter(x, 0), "top_k must be >= 1"),
+        (lambda x: top_k_filter(x, -3), "top_k must be >= 1"),
+        (lambda x: sample_next_token(x, top_k=0), "top_k must be >= 1"),
+        (lambda x: min_p_filter(x, 1.5), r"min_p must be in \[0, 1\]"),
+        (lambda x: min_p_filter(x, -0.1), r"min_p must be in \[0, 1\]"),
+    ],
+)
+def test_bad_settings_raise_value_errors_naming_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(2, V))
+
+
+@pytest.mark.parametrize(
+    "call, error",
+    [
+        (lambda x: top_k_filter(x, 2.5), TypeError),
+        (lambda x: sample_next_token(x, temperature="hot"), TypeError),
+        (lambda x: top_p_filter(x, True), TypeError),
+        (lambda x: sample_next_token(x.long()), TypeError),
+        (lambda x: sample_next_token(x.tolist()), TypeError),
+        (lambda x: sample_next_token(x, generator=0), TypeError),
+        (lambda x: sample_next_token(x[None]), ValueError),
+    ],
+)
+def test_bad_types_raise(call, error):
+    with pytest.raises(error):
+        call(torch.randn(2, V))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: apply_temperature(x, 0.7), lambda x: top_k_filter(x, 3), lambda x: top_p_filter(x, 0.9),
+    lambda x: min_p_filter(x, 0.1), lambda x: sample_next_token(x), lambda x: sample_next_token(x, temperature=0),
+])
+def test_nan_and_positive_infinite_logits_are_rejected(fn):
+    x = torch.randn(2, V)
+    x[1, 5] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fn(x)
+    x[1, 5] = math.inf
+    with pytest.raises(ValueError, match=r"\+inf"):
+        fn(x)
+
+
+def test_a_row_of_only_minus_infinity_is_rejected():
+    x = torch.randn(2, V)
+    x[0] = -math.inf
+    with pytest.raises(ValueError, match="-inf"):
+        sample_next_token(x)
+
+
+# --- generate against transformers' generate, on a tiny random model --------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.tiny_model(seed=0, vocab_size=128)
+
+
+def hf_generate(model, ids, n, temperature, top_p, top_k, **kw):
+    if temperature == 0:
+        sampling_kw = dict(do_sample=False)
+    else:
+        sampling_kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or 0)
+    return model.generate(ids, max_new_tokens=n, **sampling_kw, **kw)
+
+
+SETTINGS = [(1.0, 1.0, None), (0.7, 0.9, None), (1.5, 1.0, 20), (0.9, 0.5, 10), (0.0, 1.0, None)]
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", SETTINGS)
+def test_generate_equals_transformers_with_the_same_seed(tiny, temperature, top_p, top_k):
+    ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(42)
+    ours = generate(tiny, ids, max_new_tokens=12, temperature=temperature, top_p=top_p, top_k=top_k,
+                    eos_token_id=None)
+    torch.manual_seed(42)
+    ref = hf_generate(tiny, ids, 12, temperature, top_p, top_k, attention_mask=torch.ones_like(ids),
+                      eos_token_id=None, pad_token_id=2)
+    assert torch.equal(ours, ref)
+
+
+def test_generate_equals_transformers_with_left_padding_and_eos():
+    model = models.tiny_model(seed=1, vocab_size=16)  # a small vocabulary, so eos (2) comes up soon
+    ids = torch.randint(3, 16, (4, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    mask[3, :4] = 0
+    ids = ids.masked_fill(mask == 0, 2)
+    lengths = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        ours = generate(model, ids, attention_mask=mask, max_new_tokens=40, temperature=3.0, eos_token_id=2,
+                        pad_token_id=0)
+        torch.manual_seed(seed)
+        ref = hf_generate(model, ids, 40, 3.0, 1.0, None, attention_mask=mask, eos_token_id=2, pad_token_id=0)
+        assert torch.equal(ours, ref)
+        lengths.append(ours.shape[1])
+    assert min(lengths) < 6 + 40, "in some run every row ended early at eos"
+    new = ours[:, 6:]
+    ended = [row for row in new.tolist() if 2 in row[:-1]]
+    assert ended, "some row ended before the last step"
+    assert all(set(row[row.index(2) + 1:]) == {0} for row in ended), "after eos a row holds only padding"
+
+
+def test_generate_with_a_generator_is_reproducible_and_leaves_the_global_generator_alone(tiny):
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a = generate(tiny, ids, max_new_tokens=8, generator=torch.Generator().manual_seed(5), eos_token_id=None)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = generate(tiny, ids, max_new_tokens=8, generator=torch.Generator().manual_seed(5), eos_token_id=None)
+    assert torch.equal(a, b) and a.shape == (2, 13)
+
+
+def test_generate_rejects_bad_input(tiny):
+    ids = torch.randint(3, 128, (2, 5))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(tiny, ids, max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(tiny, ids, max_new_tokens=2, temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(tiny, ids, max_new_tokens=2, top_p=0)
+    with pytest.raises(ValueError, match="input_ids"):
+        generate(tiny, ids.float(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask"):
+        generate(tiny, ids, max_new_tokens=2, attention_mask=torch.ones(2, 4))
