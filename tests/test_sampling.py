@@ -284,6 +284,16 @@ def test_generate_equals_transformers_with_the_same_seed(tiny, temperature, top_
     assert torch.equal(ours, ref)
 
 
+def test_generate_with_min_p_equals_transformers(tiny):
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(7)
+    ours = generate(tiny, ids, max_new_tokens=10, temperature=1.2, top_k=30, min_p=0.1)
+    torch.manual_seed(7)
+    ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=True,
+                        temperature=1.2, top_k=30, min_p=0.1, pad_token_id=2)
+    assert torch.equal(ours, ref)
+
+
 def test_generate_equals_transformers_with_left_padding_and_eos():
     model = models.tiny_model(seed=1, vocab_size=16)  # a small vocabulary, so eos (2) comes up soon
     ids = torch.randint(3, 16, (4, 6), generator=torch.Generator().manual_seed(1))
@@ -311,9 +321,9 @@ def test_generate_with_a_generator_is_reproducible_and_leaves_the_global_generat
     ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(3))
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    a = generate(tiny, ids, max_new_tokens=8, generator=torch.Generator().manual_seed(5), eos_token_id=None)
+    a = generate(tiny, ids, max_new_tokens=8, generator=torch.Generator().manual_seed(5), eos_token_id=[])
     assert torch.equal(torch.get_rng_state(), before)
-    b = generate(tiny, ids, max_new_tokens=8, generator=torch.Generator().manual_seed(5), eos_token_id=None)
+    b = generate(tiny, ids, max_new_tokens=8, generator=torch.Generator().manual_seed(5), eos_token_id=[])
     assert torch.equal(a, b) and a.shape == (2, 13)
 
 

@@ -227,8 +227,7 @@ def _warp(logits: torch.Tensor, temperature: float, top_k, top_p: float, min_p) 
     if temperature != 1.0:
         logits = logits / temperature
     if top_k is not None:
-        k = min(top_k, logits.shape[-1])
-        logits = logits.masked_fill(logits < torch.topk(logits, k, dim=-1).values[..., -1:], FILTER_VALUE)
+        logits = top_k_filter(logits, top_k)
     if top_p < 1.0:
         logits = top_p_filter(logits, top_p)
     if min_p is not None:
@@ -327,7 +326,8 @@ def generate(
         max_new_tokens: how many tokens to add at most ($\ge 1$).
         temperature, top_p, top_k, min_p: as in :func:`sample_next_token`.
         attention_mask: ``(B, P)``, 0 on (left) padding; ``None`` means no padding.
-        eos_token_id: id(s) that end a row; ``None`` takes the model's generation config.
+        eos_token_id: id(s) that end a row; ``None`` takes the model's generation config,
+            ``[]`` never ends a row early.
         pad_token_id: fills ended rows; ``None`` takes the generation config's, else the first eos.
         generator: a ``torch.Generator`` for the draws, or ``None`` for the global one.
 
