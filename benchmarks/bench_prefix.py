@@ -23,7 +23,7 @@ from peft import PrefixTuningConfig, get_peft_model
 from llmbook import models, prefix
 
 BATCH, LENGTH, N_VIRTUAL, PROJECTION = 4, 64, 20, 512
-ROUNDS, WARMUP = 7, 1
+ROUNDS, WARMUP = 6, 1
 
 
 def seconds(fn, device):
@@ -37,18 +37,23 @@ def seconds(fn, device):
 
 
 def alternate(fns, device, rounds=ROUNDS, warmup=WARMUP):
-    """Median seconds of each function, run in turn round after round (the first ``warmup`` rounds dropped)."""
+    """Median seconds of each function, run in turn round after round (the first ``warmup`` rounds dropped).
+
+    The order flips every round, so neither function always runs right after the other.
+    """
     times = [[] for _ in fns]
     for r in range(warmup + rounds):
-        for fn, column in zip(fns, times):
-            t = seconds(fn, device)
+        order = list(range(len(fns)))[:: 1 if r % 2 == 0 else -1]
+        for i in order:
+            t = seconds(fns[i], device)
             if r >= warmup:
-                column.append(t)
+                times[i].append(t)
     return [statistics.median(column) for column in times]
 
 
 def report(what, ours, reference, ref_name):
-    print(f"{what}: ours {ours * 1000:.0f} ms, {ref_name} {reference * 1000:.0f} ms, ratio {ours / reference:.3f}")
+    print(f"{what}: ours {ours * 1000:.0f} ms, {ref_name} {reference * 1000:.0f} ms, ratio {ours / reference:.3f}",
+          flush=True)
 
 
 def train_step(model, batch, optimizer):
@@ -88,7 +93,6 @@ def main():
         step_ours, step_peft = alternate(steps, device)
         label = "no MLP" if projection is None else f"MLP d'={projection}"
         report(f"train step ours / PEFT ({where}, {label})", step_ours, step_peft, "PEFT")
-        theirs.unload() if hasattr(theirs, "unload") else None
 
 
 if __name__ == "__main__":

@@ -1,28 +1,32 @@
 """Build ``data/preferences.jsonl``: preference pairs that teach one checkable style rule.
 
-The rule: **answer in one sentence, then stop.** Every pair has a short factual
-question (an opposite, a capital, a plural, ...). Both answers start with the same
-correct sentence; the *chosen* answer ends there, the *rejected* one rambles on with a
-generic filler sentence ("This is a very common question, ...") before it stops. Both
-are correct, so the only thing the pair teaches is the style, and the style is easy to
-check in generated text: does the answer end after its first sentence?
+The rule: **answer in one sentence, then stop.** Every pair has a short factual question
+(an opposite, a capital, a plural, ...). The *chosen* answer is one correct sentence
+written here ("The capital of Russia is Moscow."). The *rejected* answer is the same
+sentence followed by what SmolLM2-135M-Instruct itself goes on to say after it: the
+model is given the chosen sentence as the start of its answer and continues greedily,
+with its end-of-turn token (every special token) forbidden, for up to ``CONTINUATION_TOKENS`` tokens (cut back
+to its last full sentence when it has one). So the rejected answers are the model's own
+way of rambling on, and both answers start with the same true sentence: the only thing a
+pair teaches is to stop there. That is easy to check in generated text.
 
-SmolLM2-135M-Instruct, asked such questions, usually keeps talking after the answer,
-so the rule is something DPO has to teach it. Facts and fillers are written here by
-hand; a fixed seed picks the fillers and the held-out items, so the file is the same
-on every run. Columns: ``prompt``, ``chosen``, ``rejected``, ``answer`` (the
-key word a correct answer contains, in its accepted spellings), ``topic``, ``split``
+Facts and chosen sentences are written by hand; a fixed seed picks the held-out items and
+the order. Columns: ``prompt``, ``chosen``, ``rejected``, ``answer`` (the key word in its
+accepted spellings, to check that a generated answer is right), ``topic``, ``split``
 (``train`` or ``test``: test questions never appear in train).
 
-Run ``python data/build_preferences.py`` to rewrite the file.
+Run ``python data/build_preferences.py`` to rewrite the file (about a minute on a CPU;
+it needs the book's model, see ``llmbook.models.load_model``).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 SEED = 7
+CONTINUATION_TOKENS = 24  # how much of the model's own continuation a rejected answer keeps
 TEST_PER_TOPIC = 3  # the last items of each topic (after shuffling) are held out
 
 # topic -> (question template, answer template, items); {0}, {1}, ... fill from each item,
@@ -90,23 +94,6 @@ TOPICS = {
     ),
 }
 
-# Generic sentences a verbose assistant adds after its answer: true, polite, and empty.
-FILLERS = [
-    "This is a very common question, and many people ask it.",
-    "It is one of those facts that is useful to remember in everyday life.",
-    "There is a lot more that could be said about this topic.",
-    "Many students learn this at school when they are young.",
-    "Knowing this can help you in many different situations.",
-    "It is always good to learn new things like this.",
-    "I hope this answer helps you understand the topic better.",
-    "Let me know if you have any other questions about it.",
-    "People often find this topic interesting to think about.",
-    "This kind of question often comes up in quizzes and games.",
-    "Understanding this is an important part of general knowledge.",
-    "It is a simple idea, but it is worth explaining clearly.",
-]
-
-
 OTHER_SPELLINGS = {"three": "3", "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9",
                    "ten": "10", "twelve": "12", "1000": "1,000"}
 
@@ -116,8 +103,8 @@ def accepted(word: str) -> list[str]:
     return [word, OTHER_SPELLINGS[word]] if word in OTHER_SPELLINGS else [word]
 
 
-def build(seed: int = SEED) -> list[dict]:
-    """All pairs, train first then test, in a fixed order."""
+def questions(seed: int = SEED) -> list[dict]:
+    """Every question with its chosen sentence and key word, train first then test, in a fixed order."""
     rng = random.Random(seed)
     rows = {"train": [], "test": []}
     for topic, (question, answer, items) in TOPICS.items():
@@ -125,11 +112,9 @@ def build(seed: int = SEED) -> list[dict]:
         rng.shuffle(items)
         for i, item in enumerate(items):
             split = "test" if i >= len(items) - TEST_PER_TOPIC else "train"
-            sentence = answer.format(*item)
             rows[split].append({
                 "prompt": question.format(*item),
-                "chosen": sentence,
-                "rejected": f"{sentence} {rng.choice(FILLERS)}",
+                "chosen": answer.format(*item),
                 "answer": accepted(item[-1]),
                 "topic": topic,
                 "split": split,
@@ -137,6 +122,42 @@ def build(seed: int = SEED) -> list[dict]:
     for split in rows.values():
         rng.shuffle(split)  # mix topics so every batch sees several
     return rows["train"] + rows["test"]
+
+
+def continue_answers(model, tokenizer, rows: list[dict], max_new_tokens: int = CONTINUATION_TOKENS) -> list[str]:
+    """The model's greedy continuation of each chosen sentence, with the end of turn (every special token) forbidden."""
+    import torch
+
+    from llmbook.data import chat_prompt
+
+    texts = [chat_prompt(tokenizer, r["prompt"]) + r["chosen"] for r in rows]
+    tokenizer.padding_side = "left"  # every answer ends at the last column, where generation continues
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    tokenizer.padding_side = "right"
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id,
+                             suppress_tokens=tokenizer.all_special_ids)  # no end of turn, no markup
+    continuations = []
+    for ids in out[:, enc.input_ids.shape[1]:].tolist():
+        text = tokenizer.decode(ids, skip_special_tokens=True).rstrip()
+        ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+        continuations.append(text[: ends[-1]] if ends else text)  # keep whole sentences where possible
+    return continuations
+
+
+def build(model=None, tokenizer=None, seed: int = SEED) -> list[dict]:
+    """All pairs: the hand-written questions, and rejected answers continued by the model."""
+    if model is None:
+        from llmbook.models import load_model
+
+        model, tokenizer = load_model(device="cpu", dtype="float32")
+    rows = questions(seed)
+    for row, more in zip(rows, continue_answers(model, tokenizer, rows)):
+        if not more.strip():
+            raise ValueError(f"the model added nothing after {row['chosen']!r}")
+        row["rejected"] = row["chosen"] + more
+    return [{k: r[k] for k in ("prompt", "chosen", "rejected", "answer", "topic", "split")} for r in rows]
 
 
 def main() -> None:

@@ -348,12 +348,15 @@ def test_preference_file_is_the_generators_output_and_teaches_one_rule():
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
     rows = data.read_jsonl("preferences.jsonl")
-    assert rows == builder.build()
+    # Everything but the model-written continuations is reproduced exactly by the builder.
+    assert [{k: v for k, v in r.items() if k != "rejected"} for r in rows] == builder.questions()
     splits = {s: [r for r in rows if r["split"] == s] for s in ("train", "test")}
     assert len(splits["train"]) >= 60 and len(splits["test"]) >= 16
     assert not {r["prompt"] for r in splits["train"]} & {r["prompt"] for r in splits["test"]}
-    for r in rows:
-        assert r["rejected"].startswith(r["chosen"] + " ") and r["chosen"].count(".") == 1
+    for r in rows:  # one true sentence; the rejected answer goes on after it
+        assert r["chosen"].endswith(".") and r["chosen"].count(".") == 1
+        assert any(a.lower() in r["chosen"].lower() for a in r["answer"])
+        assert r["rejected"].startswith(r["chosen"]) and r["rejected"][len(r["chosen"]):].strip()
 
 
 def test_logits_to_keep_starts_one_before_the_earliest_answer_token():

@@ -149,6 +149,10 @@ def apply_lora(
 
     Returns:
         the same ``model``, with only the LoRA matrices trainable.
+
+    Raises:
+        ValueError: no linear layer matches ``target_modules``, or LoRA is applied twice.
+        TypeError: a target names a module that is not an ``nn.Linear`` (PEFT refuses it too).
     """
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; apply LoRA once")
