@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import machine_info
+from book_toc import toc_files
 import nbformat
-import yaml
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,18 +41,7 @@ CELL_TIMEOUT_S = 1800
 
 def toc_notebooks() -> list[str]:
     """The chapter notebooks of _toc.yml, in reading order, as paths relative to the root."""
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = []
-
-    def walk(entries):
-        for entry in entries or []:
-            if "file" in entry:
-                files.append(entry["file"])
-            walk(entry.get("sections"))
-
-    for part in toc.get("parts", [{"chapters": toc.get("chapters", [])}]):
-        walk(part.get("chapters"))
-    paths = [re.sub(r"\.ipynb$", "", f) + ".ipynb" for f in files]
+    paths = [f + ".ipynb" for f in toc_files(ROOT)]
     return [p for p in paths if (ROOT / p).is_file()]
 
 

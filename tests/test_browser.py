@@ -25,6 +25,7 @@ import http.server
 import os
 import re
 import shutil
+import sys
 import threading
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -32,9 +33,10 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from book_toc import toc_files  # noqa: E402
 # $LLMBOOK_HTML tests a book built elsewhere (jupyter-book build --path-output DIR: DIR/_build/html).
 HTML = Path(os.environ.get("LLMBOOK_HTML", ROOT / "_build" / "html")).resolve()
 SHOTS = HTML.parent / "screenshots"
@@ -60,22 +62,6 @@ def find_chromium() -> str | None:
     candidates = [os.environ.get("LLMBOOK_CHROMIUM"), "/usr/bin/chromium",
                   shutil.which("chromium"), shutil.which("chromium-browser")]
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
-
-
-def toc_files() -> list[str]:
-    """Every ``file:`` of _toc.yml, the root first, in reading order."""
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]]
-
-    def walk(entries):
-        for entry in entries or []:
-            if "file" in entry:
-                files.append(entry["file"])
-            walk(entry.get("sections"))
-
-    for part in toc.get("parts", [{"chapters": toc.get("chapters", [])}]):
-        walk(part.get("chapters"))
-    return [re.sub(r"\.(md|ipynb)$", "", f) for f in files]
 
 
 def built_pages() -> list[str]:
