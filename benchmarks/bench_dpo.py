@@ -17,7 +17,6 @@ metrics are from TRL's on an identical batch.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -25,29 +24,11 @@ import time
 
 import torch
 
+from llmbook.utils import peak_memory_since, peak_memory_start
+
 WARMUP, STEPS, PAIRS, BETA, LR = 2, 4, 4, 0.1, 1e-4
 LORA = dict(r=8, lora_alpha=16)
 TARGETS = ["q_proj", "v_proj"]
-
-
-def _peak_start(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as handle:  # reset the high-water mark to the current RSS
-        handle.write("5")
-    return _status("VmRSS")
-
-
-def _peak_end(device, start):
-    if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated() - start) / 2**20
-    return (_status("VmHWM") - start) / 2**20
-
-
-def _status(key):
-    return int(re.search(rf"{key}:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
 
 
 def _examples():
@@ -71,9 +52,9 @@ def run_ours(precompute: bool) -> dict:
         [batch] = dpo.with_reference_logps(model, [batch])
     loss_fn = functools.partial(dpo.compute_loss, beta=BETA)
     train(model, [batch], loss_fn, steps=WARMUP, lr=LR, progress=False)
-    start = _peak_start(model.device)
+    start = peak_memory_start(model.device)
     history = train(model, [batch], loss_fn, steps=STEPS, lr=LR, progress=False)
-    peak = _peak_end(model.device, start)
+    peak = peak_memory_since(model.device, start) / 2**20
     result = {"seconds": sorted(history["seconds"])[STEPS // 2], "peak_mib": peak}
     if not precompute:
         result["metric_diff"] = _metrics_against_trl(model, tokenizer, batch)
@@ -150,13 +131,13 @@ def run_trl(precompute: bool) -> dict:
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == WARMUP:
-                marks["start"] = _peak_start(device)
+                marks["start"] = peak_memory_start(device)
             marks["t"] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter() - marks["t"])
             if state.global_step == WARMUP + STEPS:
-                marks["peak"] = _peak_end(device, marks["start"])
+                marks["peak"] = peak_memory_since(device, marks["start"]) / 2**20
 
     trainer.add_callback(Timer())
     trainer.train()

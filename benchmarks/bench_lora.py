@@ -8,8 +8,9 @@ measurement: what, ours, reference, ratio (ours / reference):
 * training step time, AdamW (ours / PEFT);
 * forward latency, merged (ours merged / PEFT merge_and_unload);
 * ours unmerged / ours merged forward;
-* peak memory of a training step, LoRA / full fine-tuning (each in a fresh process:
-  CUDA's allocator peak on a GPU, the process's peak resident memory on a CPU).
+* peak memory of two training steps, LoRA / full fine-tuning, each in a fresh process,
+  counted above the loaded model (gradients, AdamW state, activations): CUDA's allocator
+  peak on a GPU, the growth of the process's peak resident memory on a CPU.
 
 Timings interleave ours and PEFT's runs so that other load on the machine hits both alike.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +27,7 @@ import time
 import torch
 
 from llmbook import lora, models
+from llmbook.utils import peak_bytes
 
 R, ALPHA, TARGETS = 8, 16, ["q_proj", "v_proj"]
 BATCH, LENGTH, REPEAT = 4, 64, 5
@@ -81,7 +82,7 @@ def pair(base):
 
 
 def peak_memory_child(mode: str) -> None:
-    """One training step in this process; print the peak memory in bytes as JSON."""
+    """Two training steps in this process; print the peak memory they add, in bytes, as JSON."""
     model, _ = models.load_model()
     device = model.device
     if mode == "lora":
@@ -91,17 +92,15 @@ def peak_memory_child(mode: str) -> None:
     batch = make_batch(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     model.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(2):  # the second step has Adam's state allocated
-        opt.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        opt.step()
-    sync(device)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+    def two_steps():
+        for _ in range(2):  # the second step has Adam's state allocated
+            opt.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            opt.step()
+
+    # What training adds on top of the loaded model: gradients, optimiser state, activations.
+    peak = peak_bytes(two_steps, device)
     print(json.dumps({"peak": peak, "device": device.type}))
 
 

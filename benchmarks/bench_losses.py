@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from llmbook.losses import chunked_sft_loss
 from llmbook.models import pick_device
-from llmbook.utils import time_call
+from llmbook.utils import peak_bytes, time_call
 
 TOKENS, HIDDEN, VOCAB = 2048, 576, 49152
 CHUNK = 256
@@ -51,31 +51,6 @@ def ours_loss(hidden, weight, labels):
 
 
 VARIANTS = {"naive": naive_loss, "chunked": ours_loss}
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_bytes(fn, device) -> int:
-    """Bytes by which memory grows at its peak while ``fn()`` runs."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    # Linux: writing 5 to clear_refs resets the resident-set high-water mark (VmHWM).
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    base = _status("VmRSS")
-    fn()
-    return _status("VmHWM") - base
 
 
 def child(variant: str) -> None:

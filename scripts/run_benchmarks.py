@@ -90,7 +90,8 @@ def render(results: dict) -> str:
         if loads:
             spread = f"{min(loads)}" if min(loads) == max(loads) else f"{min(loads)} to {max(loads)}"
             cores = results[names[0]]["machine"]["cores"]
-            load = f"; 1-minute load average before the run: {spread} (above {cores}, other work shared the CPU)"
+            busy = f" (above {cores}: other work shared the CPU)" if max(loads) > cores else f" (at most {cores}: a quiet machine)"
+            load = f"; 1-minute load average before the run: {spread}{busy}"
         out.append(f"**Machine {number}**: {machine}. Measured {', '.join(dates)}{load}.")
         out.append("")
     out += ["| benchmark | what | ours | reference | ratio ours / reference | machine |",

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from llmbook import plots
-from llmbook.utils import seed_everything, time_call
+from llmbook.utils import peak_bytes, seed_everything, time_call
 
 
 def test_smooth_equals_a_trailing_mean():
@@ -36,3 +36,16 @@ def test_time_call_counts_runs_and_measures_sleep():
     assert len(calls) == 5 and 0.009 < seconds < 0.5
     with pytest.raises(ValueError, match="repeat"):
         time_call(lambda: None, repeat=0)
+
+
+def test_peak_bytes_sees_a_freed_allocation(device):
+    """A 64 MiB tensor made and dropped inside fn still shows in the peak; after fn it is gone."""
+    size = 64 * 2**20
+
+    def allocate():
+        block = torch.ones(size // 4, dtype=torch.float32, device=device)  # touched, so resident
+        assert block.sum().item() == size // 4
+
+    peak = peak_bytes(allocate, device)
+    assert size <= peak < 2 * size
+    assert peak_bytes(lambda: None, device) < size // 4
