@@ -296,9 +296,11 @@ class PrefixTuningModel(nn.Module):
 
         _check_int("batch_size", batch_size)
         kv = self.encoder().to(next(self.model.parameters()).dtype)   # (L, 2, h, n, hd)
-        # expand() adds the batch dimension without copying; the cache's first update copies once.
-        return DynamicCache([(kv[layer, 0].expand(batch_size, -1, -1, -1), kv[layer, 1].expand(batch_size, -1, -1, -1))
-                             for layer in range(kv.shape[0])])
+        # unbind() rather than kv[layer, 0]: its backward is one stack, where indexing would
+        # fill a zero tensor of the whole prefix for each of the 2L slices. expand() adds the
+        # batch dimension without copying; the cache's first update copies once.
+        pairs = [layer.unbind(0) for layer in kv.unbind(0)]            # L pairs of (h, n, hd)
+        return DynamicCache([(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in pairs])
 
     @torch.no_grad()
     def kv_of_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
