@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import machine_info
-from book_toc import toc_files
 import nbformat
+from book_toc import toc_files
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
