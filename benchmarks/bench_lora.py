@@ -7,7 +7,7 @@ measurement: what, ours, reference, ratio (ours / reference):
 * forward latency, unmerged (ours / PEFT);
 * training step time, AdamW (ours / PEFT);
 * forward latency, merged (ours merged / PEFT merge_and_unload);
-* ours unmerged / ours merged forward;
+* ours unmerged / a merged model's forward (PEFT's merged model: the same plain layers);
 * peak memory of two training steps, LoRA / full fine-tuning, each in a fresh process,
   counted above the loaded model (gradients, AdamW state, activations): CUDA's allocator
   peak on a GPU, the growth of the process's peak resident memory on a CPU.
@@ -149,13 +149,16 @@ def main():
         merged = interleaved({"ours": timed(lambda: ours(**batch), device),
                               "peft": timed(lambda: merged_peft(**batch), device)})
         lora.unmerge_lora(ours)
+        # Unmerged against merged in one interleaved run (so load hits both alike). Ours can be
+        # only one of the two at a time; PEFT's merged model has the same plain linear layers.
         mixed = interleaved({"unmerged": timed(lambda: ours(**batch), device),
                              "merged": timed(lambda: merged_peft(**batch), device)})
     line(f"forward, merged (ours merge_lora / PEFT merge_and_unload) {desc}", merged["ours"], merged["peft"])
-    line(f"forward, ours unmerged / merged {desc}", mixed["unmerged"], mixed["merged"])
+    line(f"forward, ours unmerged / a merged model (PEFT's, the same plain layers) {desc}",
+         mixed["unmerged"], mixed["merged"])
 
     lora_peak, full_peak = peak_memory("lora"), peak_memory("full")
-    line(f"peak memory of a training step, LoRA / full fine-tuning {desc}", lora_peak, full_peak, unit="MiB")
+    line(f"peak memory of two training steps, LoRA / full fine-tuning {desc}", lora_peak, full_peak, unit="MiB")
 
 
 if __name__ == "__main__":

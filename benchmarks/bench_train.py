@@ -39,6 +39,8 @@ def main():
         model(**batch).loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if model.device.type == "cuda":  # llmbook.train waits for the step when it reads the loss
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     plain = sorted(times[WARMUP:])[STEPS // 2]
     print(f"train step ({model.device.type}, batch 4x64, last layer trainable): "

@@ -21,10 +21,11 @@ the same on every run (the generator is seeded).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
+
+from llmbook.data import write_jsonl
 
 SEED = 2405  # arXiv 2405.05904, the paper chapter 5 follows
 N_INVENTED = {"country_capital": 60, "city_country": 20}
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     rows = build(args.seed)
-    args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} questions to {args.out}", file=sys.stderr)
     return args.out
 

@@ -23,6 +23,8 @@ import json
 import random
 from pathlib import Path
 
+from llmbook.data import write_jsonl
+
 SEED = 0
 N_TRAIN, N_TEST = 320, 48
 INSTRUCTION = "Extract the animal, the colour and the place as JSON."
@@ -82,10 +84,7 @@ def build(path: Path | str | None = None) -> Path:
     rng = random.Random(SEED)
     rows = make_split("train", N_TRAIN, rng) + make_split("test", N_TEST, rng)
     path = Path(path) if path else Path(__file__).resolve().parent / "lora_task.jsonl"
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    return path
+    return write_jsonl(path, rows)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100  # the label of a position that carries no loss (same as llmbook.data)
+from llmbook.data import IGNORE_INDEX  # the label of a position that carries no loss
 
 __all__ = [
     "IGNORE_INDEX",

