@@ -24,3 +24,13 @@ def toc_files(root: Path = ROOT) -> list[str]:
     for part in toc.get("parts", [{"chapters": toc.get("chapters", [])}]):
         walk(part.get("chapters"))
     return [re.sub(r"\.(md|ipynb)$", "", f) for f in files]
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--notebooks"]:
+        sys.exit("usage: python scripts/book_toc.py --notebooks   (prints the chapter notebooks in reading order)")
+    for name in toc_files():
+        if (ROOT / f"{name}.ipynb").is_file():
+            print(f"{name}.ipynb")

@@ -66,6 +66,31 @@ def describe() -> dict:
     }
 
 
+def kernel_path() -> dict:
+    """Which CPU kernels torch uses in this process: its vector level, native bf16, threads and
+    the environment variables that lower them (``ATEN_CPU_CAPABILITY`` and friends)."""
+    import torch
+
+    from llmbook.utils import cpu_has_native_bf16
+
+    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                                      "OMP_NUM_THREADS") if os.environ.get(k)}
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(),
+            "threads": torch.get_num_threads(), "env": env}
+
+
+def kernel_label(kernels: dict | None) -> str:
+    """``AVX2, no native bf16 (emulated)`` for a table cell."""
+    if not kernels:
+        return "n/a"
+    label = f"{kernels['capability']}, {'native' if kernels['native_bf16'] else 'no native'} bf16"
+    if kernels.get("env", {}).get("ATEN_CPU_CAPABILITY"):
+        label += " (emulated)"
+    if kernels.get("env", {}).get("OMP_NUM_THREADS"):
+        label += f", {kernels['threads']} thread{'s' if kernels['threads'] != 1 else ''}"
+    return label
+
+
 def one_line(info: dict) -> str:
     """``2 cores of an Intel Xeon ..., 24 GiB, no GPU, Linux x86_64, Python 3.11.2, torch 2.13.0``."""
     memory = f", {info['memory_gib']} GiB" if info.get("memory_gib") else ""

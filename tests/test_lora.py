@@ -157,14 +157,32 @@ def test_bad_targets_and_double_application():
         layer.merge()
 
 
-def test_bf16_on_the_picked_device(device):
-    model = lora.apply_lora(tiny_model(device=device, dtype=torch.bfloat16), ["q_proj", "v_proj"], r=4, lora_alpha=8)
+def test_bf16_model_keeps_fp32_adapters_like_peft(device):
+    base = tiny_model(device=device, dtype=torch.bfloat16)
+    model = lora.apply_lora(copy.deepcopy(base), ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     layer = lora.lora_layers(model)[0]
-    assert layer.lora_A.weight.dtype == torch.bfloat16 and layer.lora_A.weight.device.type == device.type
+    peft_layer = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    # PEFT keeps half-precision models' adapters in float32 (autocast_adapter_dtype); so do we.
+    assert layer.lora_A.weight.dtype == peft_layer.lora_A["default"].weight.dtype == torch.float32
+    assert layer.lora_A.weight.device.type == device.type
+    with torch.no_grad():  # the same non-zero adapters in both: the same bf16 logits
+        for name, ours in model.named_modules():
+            if isinstance(ours, lora.LoRALinear):
+                peft_one = theirs.base_model.model.get_submodule(name)
+                ours.lora_B.weight.normal_(0, 0.5)
+                peft_one.lora_A["default"].weight.copy_(ours.lora_A.weight)
+                peft_one.lora_B["default"].weight.copy_(ours.lora_B.weight)
     ids = IDS.to(device)
-    loss = model(ids, labels=ids).loss
-    loss.backward()
-    assert torch.isfinite(loss) and layer.lora_B.weight.grad is not None
+    out = model(ids, labels=ids)
+    with torch.no_grad():
+        ref = theirs(ids).logits
+        base_logits = base(ids).logits
+    assert out.logits.dtype == torch.bfloat16
+    assert (out.logits - base_logits).abs().max() > 0.1  # the adapters change the output
+    torch.testing.assert_close(out.logits, ref, rtol=0, atol=0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and layer.lora_B.weight.grad.dtype == torch.float32
 
 
 def test_a_target_that_is_not_linear_is_refused_like_peft():

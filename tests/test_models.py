@@ -10,17 +10,49 @@ from llmbook import models
 
 # --- device and dtype -------------------------------------------------------------
 
-def test_pick_device_prefers_cuda_then_mps_then_cpu():
-    expected = "cuda" if torch.cuda.is_available() else (
-        "mps" if torch.backends.mps.is_available() else "cpu")
-    assert models.pick_device().type == expected
+def test_pick_device_is_cuda_when_present_else_cpu_never_mps_unasked(monkeypatch):
+    monkeypatch.delenv("LLMBOOK_DEVICE", raising=False)
+    assert models.pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert models.pick_device().type == "cpu"  # MPS present but not asked for
 
 
-def test_resolve_dtype_defaults_and_names():
+def test_pick_device_follows_llmbook_device(monkeypatch):
+    monkeypatch.setenv("LLMBOOK_DEVICE", "cpu")
+    assert models.pick_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setenv("LLMBOOK_DEVICE", "mps")
+    assert models.pick_device().type == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("LLMBOOK_DEVICE", "cuda")
+    with pytest.raises(ValueError, match="LLMBOOK_DEVICE='cuda'.*no such device"):
+        models.pick_device()
+    monkeypatch.setenv("LLMBOOK_DEVICE", "gpu0")
+    with pytest.raises(ValueError, match="LLMBOOK_DEVICE must name a torch device"):
+        models.pick_device()
+
+
+def test_resolve_dtype_defaults_to_float32_everywhere(monkeypatch):
+    monkeypatch.delenv("LLMBOOK_DTYPE", raising=False)
     assert models.resolve_dtype(None, torch.device("cpu")) is torch.float32
-    assert models.resolve_dtype(None, torch.device("cuda")) is torch.bfloat16
+    assert models.resolve_dtype(None, torch.device("cuda")) is torch.float32
+    # An explicit argument is used as given, on any device.
     assert models.resolve_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     assert models.resolve_dtype(torch.float16, torch.device("cpu")) is torch.float16
+
+
+def test_llmbook_dtype_gives_bf16_on_cuda_and_on_a_cpu_only_where_native(monkeypatch):
+    monkeypatch.setenv("LLMBOOK_DTYPE", "bf16")
+    assert models.resolve_dtype(None, torch.device("cuda")) is torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert models.resolve_dtype(None, torch.device("cpu")) is torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="LLMBOOK_DTYPE=bf16 ignored on this CPU"):
+        assert models.resolve_dtype(None, torch.device("cpu")) is torch.float32
+    monkeypatch.setenv("LLMBOOK_DTYPE", "int8")
+    with pytest.raises(ValueError, match="LLMBOOK_DTYPE must be"):
+        models.resolve_dtype(None, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("bad, error", [("float8", ValueError), (torch.int64, TypeError), (3, TypeError)])

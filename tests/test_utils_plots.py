@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmbook import plots
+from llmbook import plots, utils
 from llmbook.utils import seed_everything, time_call
 
 
@@ -67,3 +68,56 @@ def test_peak_bytes_sees_a_freed_allocation(device):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert size <= result["peak"] < 2 * size
     assert result["idle"] < size // 4
+
+
+# --- the numeric policy ------------------------------------------------------------------
+
+@pytest.mark.parametrize("capability", ["AVX2", "avx2", "DEFAULT", "NO AVX"])
+def test_an_avx2_only_cpu_has_no_native_bf16_whatever_onednn_says(capability):
+    assert utils.cpu_has_native_bf16(capability, onednn_bf16=True) is False
+
+
+def test_native_bf16_needs_a_vector_level_above_avx2_and_onednn_support():
+    assert utils.cpu_has_native_bf16("AVX512", onednn_bf16=True) is True
+    assert utils.cpu_has_native_bf16("AVX512", onednn_bf16=False) is False
+    assert utils.cpu_has_native_bf16("SVE256", onednn_bf16=True) is True
+
+
+def test_native_bf16_detection_follows_pytorchs_dispatch_level():
+    # In this process: AVX2 or below (a real AVX2-only CPU, or ATEN_CPU_CAPABILITY=avx2) means no.
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT"):
+        assert utils.cpu_has_native_bf16() is False
+    else:
+        assert utils.cpu_has_native_bf16() is torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_native_bf16_detection_under_avx2_emulation_in_a_fresh_process():
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+    code = "from llmbook import utils; print(utils.cpu_capability(), utils.cpu_has_native_bf16())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["AVX2", "False"]
+
+
+def test_tolerances_grow_as_precision_falls_and_with_depth():
+    for kind in utils.TOLERANCES:
+        order = [utils.tolerance(d, kind)["rtol"] for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)]
+        assert order == sorted(order) and len(set(order)) == 4
+        # each tolerance is at least one unit in the last place of its dtype, and far below 1
+        for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            assert torch.finfo(d).eps <= utils.tolerance(d, kind)["rtol"] < 0.2
+    for d in (torch.float32, torch.bfloat16):
+        assert utils.tolerance(d, "model")["rtol"] >= utils.tolerance(d, "op")["rtol"]
+
+
+def test_a_real_mistake_fails_the_model_tolerance():
+    # The smallest mistake the chapters guard against: a logit off by a 1 % scale error.
+    logits = torch.linspace(-30, 40, 1000)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(logits * 1.01, logits, **utils.tolerance(torch.float32, "model"))
+
+
+@pytest.mark.parametrize("dtype, kind, error", [(torch.float32, "loose", ValueError), (torch.int64, "op", ValueError),
+                                                ("float32", "op", ValueError)])
+def test_tolerance_rejects_bad_input(dtype, kind, error):
+    with pytest.raises(error, match="kind|dtype"):
+        utils.tolerance(dtype, kind)

@@ -65,7 +65,10 @@ class LoRALinear(nn.Module):
         self.r = r
         self.lora_alpha = lora_alpha
         self.scaling = lora_alpha / r
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        # The adapter trains in float32 (or float64) whatever the base weight's dtype, as PEFT
+        # does: in bf16, Adam's small updates would round away against the 8-bit mantissa.
+        dtype = base.weight.dtype if base.weight.dtype in (torch.float32, torch.float64) else torch.float32
+        factory = dict(device=base.weight.device, dtype=dtype)
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)  # weight (r, in)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)  # weight (out, r)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -100,7 +103,9 @@ class LoRALinear(nn.Module):
         if self.merged or not self.enabled:
             return y
         # x (..., in) -> A -> (..., r) -> B -> (..., out): never forms the (out, in) matrix.
-        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # The branch runs in the adapter's dtype and its result joins y in y's dtype.
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+        return (y + update).to(y.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

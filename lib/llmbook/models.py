@@ -25,11 +25,13 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
 from llmbook.data import chat_prompt
+from llmbook.utils import cpu_capability, cpu_has_native_bf16
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -56,13 +58,31 @@ class ModelNotAvailableError(RuntimeError):
     """Raised when the requested model can be had neither locally nor from the hub."""
 
 
+DEVICE_ENV, DTYPE_ENV = "LLMBOOK_DEVICE", "LLMBOOK_DTYPE"
+
+
 def pick_device() -> torch.device:
-    """The best device present: CUDA, then Apple's MPS, then the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """Where the book runs: ``$LLMBOOK_DEVICE`` if set, else CUDA when present, else the CPU.
+
+    Apple's MPS is used only when asked for (``LLMBOOK_DEVICE=mps``): nothing in the book
+    has been run on it, so it is never picked silently.
+    """
+    wanted = os.environ.get(DEVICE_ENV, "").strip()
+    if wanted:
+        try:
+            device = torch.device(wanted)
+        except RuntimeError as error:
+            raise ValueError(f"{DEVICE_ENV} must name a torch device such as cpu, cuda or mps, got {wanted!r}") from error
+        available = {
+            "cpu": True,
+            "cuda": torch.cuda.is_available(),
+            "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        }
+        if not available.get(device.type, False):
+            raise ValueError(f"{DEVICE_ENV}={wanted!r}, but this machine has no such device "
+                             f"(available: {', '.join(k for k, v in available.items() if v)})")
+        return device
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 _DTYPES = {
@@ -75,23 +95,46 @@ _DTYPES = {
 }
 
 
+def _dtype_from_name(dtype: torch.dtype | str, what: str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype.strip().lower() not in _DTYPES:
+            raise ValueError(f"{what} must be a torch floating dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+        return _DTYPES[dtype.strip().lower()]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{what} must be a floating torch.dtype or a name such as 'bfloat16', got {dtype!r}")
+    return dtype
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """The dtype to load weights in: bf16 on CUDA and fp32 elsewhere, unless asked.
+    """The dtype to load weights in: float32 on every device, unless asked otherwise.
+
+    float32 everywhere is the book's numeric policy: a reader's numbers then match the
+    book's on any CPU or GPU, and a 135M-parameter model is fast in float32 anyway.
 
     Args:
         dtype: ``None`` for the default, a ``torch.dtype``, or one of the names
-            ``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``.
+            ``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``, which is used
+            as given. With ``None``, ``$LLMBOOK_DTYPE`` may ask for another dtype; a half
+            dtype asked for that way is used on a CPU only where it has native bf16
+            (:func:`llmbook.utils.cpu_has_native_bf16`): elsewhere bf16 matrix products
+            fall back to a scalar loop many times slower than float32, so the CPU keeps
+            float32 and a warning says why.
         device: where the model will run.
     """
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be a torch floating dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
-        return _DTYPES[dtype]
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype or a name such as 'bfloat16', got {dtype!r}")
-    return dtype
+    if dtype is not None:
+        return _dtype_from_name(dtype, "dtype")
+    wanted = os.environ.get(DTYPE_ENV, "").strip()
+    if not wanted:
+        return torch.float32
+    chosen = _dtype_from_name(wanted, DTYPE_ENV)
+    if torch.device(device).type == "cpu" and chosen in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16():
+        warnings.warn(
+            f"{DTYPE_ENV}={wanted} ignored on this CPU (vector level {cpu_capability()}, no native bf16): "
+            "half-precision matrix products would run many times slower than float32. Using float32.",
+            stacklevel=2,
+        )
+        return torch.float32
+    return chosen
 
 
 def cache_dir() -> Path:
@@ -224,7 +267,7 @@ def load_model(name: str | os.PathLike | None = None, *, device=None, dtype=None
             and, if that is unset, the book's default model, SmolLM2-135M-Instruct,
             which works with no network.
         device: a ``torch.device`` or string; ``None`` picks one with :func:`pick_device`.
-        dtype: see :func:`resolve_dtype` (bf16 on CUDA, fp32 elsewhere by default).
+        dtype: see :func:`resolve_dtype` (float32 on every device by default).
 
     Returns:
         ``(model, tokenizer)``. Only safetensors weights are read and no remote code
