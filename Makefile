@@ -64,6 +64,14 @@ bench: setup
 times: setup
 	$(AVX2_ONLY) $(BIN)/python scripts/chapter_times.py
 
+# Re-execute every chapter in place, top to bottom in one kernel each, with this machine's own
+# kernels: the outputs that the book shows and that are committed.
+execute: setup
+	for nb in $$($(BIN)/python scripts/book_toc.py --notebooks); do \
+		echo "$$nb"; \
+		$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 "$$nb" || exit 1; \
+	done
+
 # Refresh the README's picture of a rendered chapter from the browser test's screenshots.
 screenshot: test-browser
 	cp _build/screenshots/chapters__01_teacher_forcing-figure.png docs/screenshot-chapter.png

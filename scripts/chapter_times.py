@@ -37,7 +37,8 @@ BEGIN, END = "<!-- BEGIN chapter-times -->", "<!-- END chapter-times -->"
 LIMIT_S = {"05": 480, "07": 360, "08": 360}
 DEFAULT_LIMIT_S = 180
 # The slowest CPU of this kind measured so far (an AVX2-only AMD EPYC, Zen 3) ran the chapters
-# 1.36 to 1.57 times slower than the AMD EPYC these tables were measured on, in float32 on both.
+# 1.2 to 1.6 times slower than the AMD EPYC these tables are measured on does under the AVX2
+# emulation (chapter 1: 69 s vs 57 s; 6: 77 s vs 49 s; 7: 287 s vs 181 s), in float32 on both.
 # A chapter whose headroom (budget / time) is below this may run over its budget there.
 SLOWEST_CPU_FACTOR = 1.6
 CELL_TIMEOUT_S = 1800
@@ -130,12 +131,13 @@ def describe_runs(times: dict, order: list[str]) -> str:
              f"Headroom is the budget divided by the run time: the slowest CPU of this kind measured so far ran the "
              f"chapters up to {SLOWEST_CPU_FACTOR}x slower than this one, so a headroom below "
              f"{SLOWEST_CPU_FACTOR}x (in bold) may not be enough there")
+    text += "."
     if loads:
-        text += (f"; the 1-minute load average was {min(loads)} to {max(loads)}. A load above the number "
+        text += (f" The 1-minute load average was {min(loads)} to {max(loads)}. A load above the number "
                  f"of cores means other work shared the CPU and stretched the run times; the CPU time "
                  f"(the kernel's user + system seconds, summed over its threads) is less affected by "
-                 f"the load, though not immune to it")
-    return text + "."
+                 f"the load, though not immune to it.")
+    return text
 
 
 def render_markdown(times: dict, order: list[str]) -> str:

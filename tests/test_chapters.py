@@ -54,3 +54,27 @@ def test_chapter_imports_the_package_not_paths(path):
     src = path.read_text()
     assert "sys.path" not in src
     assert "from llmbook" in src or "import llmbook" in src
+
+
+def _code(path):
+    return "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+
+
+@pytest.mark.parametrize("path", CHAPTERS + sorted((ROOT / "lib" / "llmbook").glob("*.py")), ids=lambda p: p.stem)
+def test_nothing_autocasts_to_a_half_dtype(path):
+    # bf16 autocast on a CPU without native bf16 runs 30-90x slower than float32: the book
+    # computes in the model's dtype (float32 unless LLMBOOK_DTYPE asks otherwise).
+    source = _code(path) if path.suffix == ".ipynb" else path.read_text()
+    assert "autocast(" not in source
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_model_comparisons_take_their_tolerance_from_the_table(path):
+    # A hand-picked float32 tolerance on a whole model's outputs is tuned to one CPU's kernels;
+    # llmbook.utils.tolerance gives it from the dtype and the kind of computation.
+    import re
+
+    for call in re.findall(r"assert_close\((?:[^()]|\([^()]*\))*\)", _code(path)):
+        picked = re.search(r"rtol=([0-9.e-]+)", call)
+        if picked and float(picked.group(1)) != 0 and ("logits" in call or "loss" in call):
+            pytest.fail(f"{path.stem}: {' '.join(call.split())[:120]} picks its own tolerance")
