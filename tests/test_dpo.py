@@ -275,9 +275,14 @@ def four(n=2):
     return [torch.zeros(n) for _ in range(4)]
 
 
-@pytest.mark.parametrize("beta", [0, -0.1, float("nan"), float("inf"), True, "0.1", None])
-def test_beta_must_be_a_positive_number(beta):
-    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+@pytest.mark.parametrize("beta, error, match", [
+    (0, ValueError, "beta must be > 0"), (-0.1, ValueError, "beta must be > 0"),
+    (float("nan"), ValueError, "beta must be finite and > 0"), (float("inf"), ValueError, "beta must be finite and > 0"),
+    (True, TypeError, "beta must be a real number"), ("0.1", TypeError, "beta must be a real number"),
+    (None, TypeError, "beta must be a real number"),
+])
+def test_beta_must_be_a_positive_number(beta, error, match):
+    with pytest.raises(error, match=match):
         dpo.dpo_loss(*four(), beta=beta)
 
 
@@ -295,7 +300,7 @@ def test_mismatched_chosen_and_rejected_batches(small_batch):
 
 
 def test_dpo_loss_input_types_shapes_and_values():
-    with pytest.raises(TypeError, match="policy_chosen_logps must be a tensor"):
+    with pytest.raises(TypeError, match="policy_chosen_logps must be a torch.Tensor"):
         dpo.dpo_loss([0.0], *four(1)[1:])
     with pytest.raises(ValueError, match=r"shape \(B,\)"):
         dpo.dpo_loss(torch.zeros(2, 1), *four()[1:])

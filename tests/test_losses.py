@@ -346,8 +346,11 @@ def test_chunked_loss_bad_inputs_are_named():
         losses.chunked_sft_loss(hidden, weight, labels.float())
     with pytest.raises(ValueError, match=r"\[0, 40\)"):
         losses.chunked_sft_loss(hidden, weight, labels + 40)
-    for bad in (0, -3, 2.5, True):
-        with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+            losses.chunked_sft_loss(hidden, weight, labels, chunk_size=bad)
+    for bad in (2.5, True):
+        with pytest.raises(TypeError, match="chunk_size must be an integer"):
             losses.chunked_sft_loss(hidden, weight, labels, chunk_size=bad)
 
 

@@ -254,17 +254,17 @@ def test_bf16_model_keeps_an_fp32_prefix(device):
 
 # --- bad input --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, kwargs, match", [
-    ((0, 2, 8), {}, "num_virtual_tokens"),
-    ((True, 2, 8), {}, "num_virtual_tokens"),
-    ((3, 0, 8), {}, "num_layers"),
-    ((3, 2, 2.5), {}, "kv_dim"),
-    ((3, 2, 8), {"projection_dim": 0}, "projection_dim"),
-    ((3, 2, 8), {"projection_dim": 4, "token_dim": -1}, "token_dim"),
-    ((3, 2, 8), {"token_dim": 4}, "token_dim only applies with projection_dim"),
+@pytest.mark.parametrize("args, kwargs, error, match", [
+    ((0, 2, 8), {}, ValueError, "num_virtual_tokens"),
+    ((True, 2, 8), {}, TypeError, "num_virtual_tokens"),
+    ((3, 0, 8), {}, ValueError, "num_layers"),
+    ((3, 2, 2.5), {}, TypeError, "kv_dim"),
+    ((3, 2, 8), {"projection_dim": 0}, ValueError, "projection_dim"),
+    ((3, 2, 8), {"projection_dim": 4, "token_dim": -1}, ValueError, "token_dim"),
+    ((3, 2, 8), {"token_dim": 4}, ValueError, "token_dim only applies with projection_dim"),
 ])
-def test_bad_counts_are_named(args, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_counts_are_named(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
         prefix.prefix_parameter_count(*args, **kwargs)
 
 

@@ -335,7 +335,7 @@ def test_generate_rejects_bad_input(tiny):
         generate(tiny, ids, max_new_tokens=2, temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         generate(tiny, ids, max_new_tokens=2, top_p=0)
-    with pytest.raises(ValueError, match="input_ids"):
+    with pytest.raises(TypeError, match="input_ids must be an integer tensor"):
         generate(tiny, ids.float(), max_new_tokens=2)
     with pytest.raises(ValueError, match="attention_mask"):
         generate(tiny, ids, max_new_tokens=2, attention_mask=torch.ones(2, 4))

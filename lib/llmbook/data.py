@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from llmbook._checks import check_int
+
 IGNORE_INDEX = -100
 
 __all__ = [
@@ -87,6 +89,10 @@ def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
     return tokenizer.apply_chat_template(_messages(prompt, system), add_generation_prompt=True, tokenize=False)
 
 
+def _check_max_length(max_length) -> int | None:
+    return None if max_length is None else check_int(max_length, "max_length", minimum=1)
+
+
 def encode_sft(
     tokenizer,
     prompt: str,
@@ -105,6 +111,7 @@ def encode_sft(
     """
     if not isinstance(response, str) or not response:
         raise ValueError(f"response must be a non-empty string, got {response!r}")
+    max_length = _check_max_length(max_length)
     messages = _messages(prompt, system)
     prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     full_text = tokenizer.apply_chat_template(
@@ -131,8 +138,9 @@ def pad(sequences: Sequence[Sequence[int]], value: int, length: int | None = Non
     """Right-pad integer sequences to ``length`` (default: the longest), shape ``(B, T)``."""
     if not sequences:
         raise ValueError("sequences is empty")
+    value = check_int(value, "value")
     longest = max(len(s) for s in sequences)
-    length = longest if length is None else length
+    length = longest if length is None else check_int(length, "length", minimum=0)
     if length < longest:
         raise ValueError(f"length ({length}) is shorter than the longest sequence ({longest})")
     out = torch.full((len(sequences), length), value, dtype=torch.long)
@@ -159,7 +167,8 @@ class SFTCollator:
 
     def __init__(self, tokenizer, *, mask_prompt: bool = True, max_length: int | None = None,
                  system: str | None = None):
-        self.tokenizer, self.mask_prompt, self.max_length, self.system = tokenizer, mask_prompt, max_length, system
+        self.tokenizer, self.mask_prompt, self.system = tokenizer, mask_prompt, system
+        self.max_length = _check_max_length(max_length)
 
     def encode(self, example: dict) -> dict[str, list[int]]:
         missing = {"prompt", "response"} - set(example)
@@ -188,7 +197,8 @@ class PreferenceCollator:
     """
 
     def __init__(self, tokenizer, *, max_length: int | None = None, system: str | None = None):
-        self.tokenizer, self.max_length, self.system = tokenizer, max_length, system
+        self.tokenizer, self.system = tokenizer, system
+        self.max_length = _check_max_length(max_length)
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         for e in examples:

@@ -34,12 +34,12 @@ every piece.
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_float_tensor, check_int, check_real, check_tensor
 from .data import IGNORE_INDEX
 
 __all__ = [
@@ -75,8 +75,9 @@ def per_token_logps(
         ``(logps, mask)``, both ``(B, T-1)``: the log-probabilities (0 where masked) and
         a boolean mask of the response tokens.
     """
-    if not torch.is_tensor(logits) or not torch.is_tensor(labels):
-        raise TypeError(f"logits and labels must be tensors, got {type(logits).__name__} and {type(labels).__name__}")
+    check_tensor(logits, "logits")
+    check_tensor(labels, "labels")
+    ignore_index = check_int(ignore_index, "ignore_index")
     if logits.dim() != 3 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating (B, T, V) tensor, got shape {tuple(logits.shape)}, {logits.dtype}")
     if labels.shape != logits.shape[:2]:
@@ -133,6 +134,8 @@ def _check_batch(batch: Mapping) -> None:
     missing = [k for k in keys if k not in batch]
     if missing:
         raise ValueError(f"batch is missing {missing}; build it with llmbook.data.PreferenceCollator")
+    for key in keys:
+        check_tensor(batch[key], key)
     for side in _SIDES:
         shapes = {batch[f"{side}_{name}"].shape for name in ("input_ids", "attention_mask", "labels")}
         if len(shapes) != 1 or batch[f"{side}_input_ids"].dim() != 2:
@@ -151,6 +154,7 @@ def concatenated_inputs(batch: Mapping[str, torch.Tensor], pad_token_id: int = 0
     order). If the two sides were padded to different lengths, the shorter is right-padded.
     """
     _check_batch(batch)
+    pad_token_id = check_int(pad_token_id, "pad_token_id")
     length = max(batch[f"{side}_input_ids"].shape[1] for side in _SIDES)
     fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
     out = {}
@@ -213,9 +217,7 @@ def concatenated_forward(model: torch.nn.Module, batch: Mapping[str, torch.Tenso
 
 
 def _check_beta(beta) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    return float(beta)
+    return check_real(beta, "beta", low=0.0, low_open=True)
 
 
 def dpo_loss(
@@ -251,8 +253,7 @@ def dpo_loss(
         "ref_rejected_logps": ref_rejected_logps,
     }
     for name, value in named.items():
-        if not torch.is_tensor(value):
-            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+        check_float_tensor(value, name)
         if value.dim() != 1:
             raise ValueError(f"{name} must have shape (B,), one log-probability per pair, got {tuple(value.shape)}")
     shapes = {name: value.shape[0] for name, value in named.items()}

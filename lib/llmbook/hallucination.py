@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_generator, check_int, check_real
 from .data import IGNORE_INDEX, SFTCollator, chat_prompt
 
 __all__ = [
@@ -157,14 +158,11 @@ def generate_answers(
         raise ValueError("questions must be a non-empty sequence of strings")
     if stems is not None and (isinstance(stems, str) or len(stems) != len(questions)):
         raise ValueError(f"stems must be a sequence of {len(questions)} strings, one per question")
-    if not isinstance(num_samples, int) or num_samples < 0:
-        raise ValueError(f"num_samples must be an integer >= 0, got {num_samples!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    num_samples = check_int(num_samples, "num_samples", minimum=0)
+    temperature = check_real(temperature, "temperature", low=0.0, low_open=True)
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    check_generator(generator)
     device = next(model.parameters()).device
     stop = torch.tensor(sorted(_stop_ids(model, tokenizer)), device=device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(stop[0])
@@ -241,8 +239,7 @@ def probe(model, tokenizer, rows: Sequence[dict], *, system: str | None = None, 
         ``greedy_correct``, ``samples``, ``p_sample_correct`` (share of right samples),
         ``category`` and ``known`` (``category`` in :data:`KNOWN`).
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1 to tell the categories apart, got {num_samples}")
+    num_samples = check_int(num_samples, "num_samples", minimum=1, hint="(to tell the categories apart)")
     stems = [r["stem"] for r in rows] if all("stem" in r for r in rows) else None
     answers = generate_answers(model, tokenizer, [r["question"] for r in rows], stems=stems, system=system,
                                num_samples=num_samples, temperature=temperature,
@@ -276,8 +273,7 @@ def confident_wrong_rate(correct: Sequence[bool], confidence: Sequence[float], t
         raise ValueError(f"correct ({len(correct)}) and confidence ({len(confidence)}) differ in length")
     if len(correct) == 0:
         raise ValueError("correct is empty")
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+    threshold = check_real(threshold, "threshold", low=0.0, high=1.0)
     return sum((not c) and p >= threshold for c, p in zip(correct, confidence)) / len(correct)
 
 
@@ -322,6 +318,9 @@ def sft_loss_by_group(model, batch: dict) -> tuple[torch.Tensor, dict[str, float
     if "unknown" not in batch:
         raise ValueError("batch needs an 'unknown' entry: a bool tensor of shape (B,)")
     labels = batch["labels"]  # (B, T)
+    if not torch.is_tensor(batch["unknown"]) or tuple(batch["unknown"].shape) != tuple(labels.shape[:1]):
+        got = tuple(batch["unknown"].shape) if torch.is_tensor(batch["unknown"]) else type(batch["unknown"]).__name__
+        raise ValueError(f"unknown must have shape ({labels.shape[0]},), one flag per example, got {got}")
     has_label = (labels != IGNORE_INDEX).any(0).nonzero()
     if len(has_label) == 0:
         raise ValueError("the batch has no response token to train on")

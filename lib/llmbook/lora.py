@@ -25,6 +25,8 @@ import math
 import torch
 from torch import nn
 
+from llmbook._checks import check_int, check_real
+
 __all__ = [
     "LoRALinear",
     "apply_lora",
@@ -34,6 +36,13 @@ __all__ = [
     "merge_lora",
     "unmerge_lora",
 ]
+
+
+def _check_settings(r, lora_alpha, lora_dropout) -> tuple[int, float, float]:
+    """``(r, lora_alpha, lora_dropout)`` as plain numbers, or an error naming the bad one."""
+    return (check_int(r, "r", minimum=1),
+            check_real(lora_alpha, "lora_alpha", low=0.0, low_open=True),
+            check_real(lora_dropout, "lora_dropout", low=0.0, high=1.0, high_open=True))
 
 
 class LoRALinear(nn.Module):
@@ -50,17 +59,12 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be an integer >= 1, got {r!r}")
+        r, lora_alpha, lora_dropout = _check_settings(r, lora_alpha, lora_dropout)
         if r > min(base.in_features, base.out_features):
             raise ValueError(
                 f"r must be at most min(in_features, out_features) = "
                 f"{min(base.in_features, base.out_features)}, got {r}"
             )
-        if isinstance(lora_alpha, bool) or not (isinstance(lora_alpha, (int, float)) and lora_alpha > 0):
-            raise ValueError(f"lora_alpha must be a number > 0, got {lora_alpha!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         self.base = base.requires_grad_(False)
         self.r = r
         self.lora_alpha = lora_alpha
@@ -161,8 +165,12 @@ def apply_lora(
     """
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; apply LoRA once")
+    r, lora_alpha, lora_dropout = _check_settings(r, lora_alpha, lora_dropout)
     if isinstance(target_modules, str) and target_modules != "all-linear":
         target_modules = [target_modules]
+    if not isinstance(target_modules, (str, list, tuple, set)):
+        raise TypeError(f"target_modules must be a list of module names or 'all-linear', "
+                        f"got {type(target_modules).__name__}")
     if not target_modules:
         raise ValueError("target_modules must name at least one module, or be 'all-linear'")
     names = _linear_names(model)
@@ -182,6 +190,11 @@ def apply_lora(
     if not chosen:
         suffixes = sorted({n.split(".")[-1] for n in names})
         raise ValueError(f"target_modules {list(target_modules)} match no linear layer; the model has {suffixes}")
+    for name in chosen:  # every check before the model changes: a refused call leaves it as it was
+        layer = model.get_submodule(name)
+        if r > min(layer.in_features, layer.out_features):
+            raise ValueError(f"r must be at most min(in_features, out_features) = "
+                             f"{min(layer.in_features, layer.out_features)} for {name!r}, got {r}")
     model.requires_grad_(False)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from llmbook._checks import check_float_tensor, check_int, check_int_tensor
 from llmbook.data import IGNORE_INDEX  # the label of a position that carries no loss
 
 __all__ = [
@@ -46,20 +47,6 @@ _BLOCK_ELEMENTS = 1 << 24
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision inputs (their range and precision are too small to sum exps)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _check_float(tensor, name: str) -> None:
-    if not torch.is_tensor(tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16, ...), got {tensor.dtype}")
-
-
-def _check_integer(tensor, name: str) -> None:
-    if not torch.is_tensor(tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor of token ids (torch.long), got {tensor.dtype}")
 
 
 def _check_token_range(ids: torch.Tensor, vocab_size: int, name: str) -> None:
@@ -87,7 +74,7 @@ def log_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     Returns:
         a tensor of the same shape and dtype, every value in $(-\infty, 0]$.
     """
-    _check_float(logits, "logits")
+    check_float_tensor(logits, "logits")
     if logits.dim() == 0:
         raise ValueError("logits must have at least one dimension (the vocabulary), got a 0-d tensor")
     x = logits.to(_compute_dtype(logits.dtype))
@@ -113,8 +100,8 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     Returns:
         log-probabilities of the shape of ``index``, ``float32`` for half-precision logits.
     """
-    _check_float(logits, "logits")
-    _check_integer(index, "index")
+    check_float_tensor(logits, "logits")
+    check_int_tensor(index, "index")
     if logits.dim() == 0:
         raise ValueError("logits must have at least one dimension (the vocabulary), got a 0-d tensor")
     lead = logits.shape[:-1]
@@ -147,7 +134,8 @@ def _shift(labels: torch.Tensor, ignore_index: int):
 
 
 def _check_labels(labels, lead_shape, lead_name: str, ignore_index: int, vocab_size: int):
-    _check_integer(labels, "labels")
+    check_int_tensor(labels, "labels")
+    ignore_index = check_int(ignore_index, "ignore_index")
     if labels.shape != lead_shape:
         raise ValueError(
             f"labels must have shape {tuple(lead_shape)} to match {lead_name}, got {tuple(labels.shape)}"
@@ -176,7 +164,7 @@ def per_token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
         ``(logps, mask)``, both of shape ``(..., T - 1)``: position ``t`` holds the logprob of
         label ``t + 1`` (0 where masked) and ``mask`` is True where that label counts.
     """
-    _check_float(logits, "logits")
+    check_float_tensor(logits, "logits")
     if logits.dim() < 2:
         raise ValueError(f"logits must have shape (..., T, V), got {tuple(logits.shape)}")
     target, mask = _check_labels(labels, logits.shape[:-1], f"logits {tuple(logits.shape)}", ignore_index,
@@ -205,7 +193,7 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGN
         ValueError: mismatched shapes, fewer than 2 positions, labels outside ``[0, V)``,
             or no response token at all.
     """
-    _check_float(logits, "logits")
+    check_float_tensor(logits, "logits")
     if logits.dim() < 2:
         raise ValueError(f"logits must have shape (..., T, V), got {tuple(logits.shape)}")
     target, mask = _check_labels(labels, logits.shape[:-1], f"logits {tuple(logits.shape)}", ignore_index,
@@ -296,10 +284,9 @@ def chunked_sft_loss(
     Returns:
         a ``float32`` scalar (``float64`` for ``float64`` inputs).
     """
-    _check_float(hidden, "hidden")
-    _check_float(lm_head_weight, "lm_head_weight")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    check_float_tensor(hidden, "hidden")
+    check_float_tensor(lm_head_weight, "lm_head_weight")
+    chunk_size = check_int(chunk_size, "chunk_size", minimum=1)
     if lm_head_weight.dim() != 2:
         raise ValueError(f"lm_head_weight must have shape (V, H), got {tuple(lm_head_weight.shape)}")
     if hidden.dim() < 2 or hidden.shape[-1] != lm_head_weight.shape[1]:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from llmbook._checks import check_int
 from llmbook.data import chat_prompt
 from llmbook.utils import cpu_capability, cpu_has_native_bf16
 
@@ -313,6 +314,7 @@ def load_model(name: str | os.PathLike | None = None, *, device=None, dtype=None
 @torch.no_grad()
 def chat(model, tokenizer, prompt: str, *, max_new_tokens: int = 48, system: str | None = None) -> str:
     """The model's greedy answer to one user message, formatted with its chat template."""
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)
     ids = tokenizer(chat_prompt(tokenizer, prompt, system), return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
     out = model.generate(
         ids,
@@ -344,18 +346,23 @@ def tiny_model(
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if num_attention_heads % num_key_value_heads:
+    seed = check_int(seed, "seed")
+    sizes = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                 num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+                 intermediate_size=intermediate_size)
+    sizes = {name: check_int(value, name, minimum=1) for name, value in sizes.items()}
+    if sizes["hidden_size"] % sizes["num_attention_heads"]:
+        raise ValueError(f"hidden_size ({sizes['hidden_size']}) must be a multiple of "
+                         f"num_attention_heads ({sizes['num_attention_heads']})")
+    if sizes["num_attention_heads"] % sizes["num_key_value_heads"]:
         raise ValueError(
-            f"num_attention_heads ({num_attention_heads}) must be a multiple of "
-            f"num_key_value_heads ({num_key_value_heads})"
+            f"num_attention_heads ({sizes['num_attention_heads']}) must be a multiple of "
+            f"num_key_value_heads ({sizes['num_key_value_heads']})"
         )
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
     config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
+        **sizes,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         bos_token_id=1,

@@ -12,6 +12,8 @@ import math
 import matplotlib as mpl
 import matplotlib.pyplot as plt
 
+from llmbook._checks import check_int
+
 __all__ = ["COLORS", "use_style", "subplots", "plot_history", "smooth"]
 
 # Colour-blind-safe (Okabe-Ito); roles are fixed across chapters.
@@ -58,8 +60,7 @@ def subplots(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: floa
 
 def smooth(values, window: int):
     """Trailing moving average over ``window`` points (the first points average what exists)."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    window = check_int(window, "window", minimum=1)
     out, total = [], 0.0
     for i, v in enumerate(values):
         total += v

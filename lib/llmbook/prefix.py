@@ -34,13 +34,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmbook._checks import check_int
+
 __all__ = ["PrefixEncoder", "PrefixTuningModel", "prefix_kv_shape", "prefix_parameter_count"]
-
-
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def prefix_parameter_count(
@@ -70,16 +66,16 @@ def prefix_parameter_count(
     Returns:
         the count, as an ``int``.
     """
-    n = _check_int("num_virtual_tokens", num_virtual_tokens)
-    layers = _check_int("num_layers", num_layers)
-    kv_dim = _check_int("kv_dim", kv_dim)
+    n = check_int(num_virtual_tokens, "num_virtual_tokens", minimum=1)
+    layers = check_int(num_layers, "num_layers", minimum=1)
+    kv_dim = check_int(kv_dim, "kv_dim", minimum=1)
     out = layers * 2 * kv_dim  # one K and one V vector per layer and virtual token
     if projection_dim is None:
         if token_dim is not None:
             raise ValueError("token_dim only applies with projection_dim (the MLP's input width); pass both or neither")
         return n * out
-    d_hidden = _check_int("projection_dim", projection_dim)
-    d = kv_dim if token_dim is None else _check_int("token_dim", token_dim)
+    d_hidden = check_int(projection_dim, "projection_dim", minimum=1)
+    d = kv_dim if token_dim is None else check_int(token_dim, "token_dim", minimum=1)
     return n * d + (d * d_hidden + d_hidden) + (d_hidden * out + out)
 
 
@@ -143,22 +139,22 @@ class PrefixEncoder(nn.Module):
         token_dim: int | None = None,
     ):
         super().__init__()
-        self.num_virtual_tokens = _check_int("num_virtual_tokens", num_virtual_tokens)
-        self.num_layers = _check_int("num_layers", num_layers)
-        self.num_kv_heads = _check_int("num_kv_heads", num_kv_heads)
-        self.head_dim = _check_int("head_dim", head_dim)
-        self.kv_dim = num_kv_heads * head_dim
-        out = num_layers * 2 * self.kv_dim
+        self.num_virtual_tokens = check_int(num_virtual_tokens, "num_virtual_tokens", minimum=1)
+        self.num_layers = check_int(num_layers, "num_layers", minimum=1)
+        self.num_kv_heads = check_int(num_kv_heads, "num_kv_heads", minimum=1)
+        self.head_dim = check_int(head_dim, "head_dim", minimum=1)
+        self.kv_dim = self.num_kv_heads * self.head_dim
+        out = self.num_layers * 2 * self.kv_dim
         if projection_dim is None:
             if token_dim is not None:
                 raise ValueError("token_dim only applies with projection_dim (the MLP's input width); pass both or neither")
             self.token_dim = None
-            self.embedding = nn.Embedding(num_virtual_tokens, out)  # the prefix itself: (n, L*2*kv_dim)
+            self.embedding = nn.Embedding(self.num_virtual_tokens, out)  # the prefix itself: (n, L*2*kv_dim)
             self.transform = None
         else:
-            _check_int("projection_dim", projection_dim)
-            self.token_dim = self.kv_dim if token_dim is None else _check_int("token_dim", token_dim)
-            self.embedding = nn.Embedding(num_virtual_tokens, self.token_dim)  # E: (n, d)
+            projection_dim = check_int(projection_dim, "projection_dim", minimum=1)
+            self.token_dim = self.kv_dim if token_dim is None else check_int(token_dim, "token_dim", minimum=1)
+            self.embedding = nn.Embedding(self.num_virtual_tokens, self.token_dim)  # E: (n, d)
             self.transform = nn.Sequential(  # d -> d' -> L * 2 * kv_dim
                 nn.Linear(self.token_dim, projection_dim), nn.Tanh(), nn.Linear(projection_dim, out)
             )
@@ -294,7 +290,7 @@ class PrefixTuningModel(nn.Module):
         """A ``DynamicCache`` holding the prefix keys and values of every layer, ``batch_size`` rows."""
         from transformers import DynamicCache
 
-        _check_int("batch_size", batch_size)
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
         kv = self.encoder().to(next(self.model.parameters()).dtype)   # (L, 2, h, n, hd)
         # unbind() rather than kv[layer, 0]: its backward is one stack, where indexing would
         # fill a zero tensor of the whole prefix for each of the 2L slices. expand() adds the

@@ -27,10 +27,19 @@ Chapter 6 explains all of this on SmolLM2-135M-Instruct.
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 import torch
+
+from llmbook._checks import (
+    check_float_tensor,
+    check_generator,
+    check_int,
+    check_int_tensor,
+    check_real,
+    check_tensor,
+)
 
 __all__ = [
     "apply_temperature",
@@ -46,10 +55,7 @@ FILTER_VALUE = -math.inf  # what a removed token's logit becomes
 
 def _check_logits(logits) -> None:
     """Reject what would silently turn into NaN probabilities."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    check_float_tensor(logits, "logits")
     if logits.ndim == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
     if torch.isnan(logits).any():
@@ -59,40 +65,18 @@ def _check_logits(logits) -> None:
 
 
 def _check_temperature(temperature, *, allow_zero: bool) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, Real):
-        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
-    temperature = float(temperature)
-    low = 0.0 if allow_zero else math.nextafter(0.0, 1.0)
-    if not (temperature >= low and math.isfinite(temperature)):
-        allowed = "T >= 0 (0 means greedy)" if allow_zero else "T > 0 (use sample_next_token's temperature=0 for greedy)"
-        raise ValueError(f"temperature must be finite with {allowed}, got {temperature}")
-    return temperature
-
-
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
+    if allow_zero:
+        return check_real(temperature, "temperature", low=0.0, hint="(0 means greedy)")
+    return check_real(temperature, "temperature", low=0.0, low_open=True,
+                      hint="(use sample_next_token's temperature=0 for greedy)")
 
 
 def _check_top_p(top_p) -> float:
-    if isinstance(top_p, bool) or not isinstance(top_p, Real):
-        raise TypeError(f"top_p must be a real number, got {type(top_p).__name__}")
-    top_p = float(top_p)
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    return top_p
+    return check_real(top_p, "top_p", low=0.0, high=1.0, low_open=True)
 
 
 def _check_min_p(min_p) -> float:
-    if isinstance(min_p, bool) or not isinstance(min_p, Real):
-        raise TypeError(f"min_p must be a real number, got {type(min_p).__name__}")
-    min_p = float(min_p)
-    if not 0.0 <= min_p <= 1.0:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
-    return min_p
+    return check_real(min_p, "min_p", low=0.0, high=1.0)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -129,8 +113,8 @@ def top_k_filter(logits: torch.Tensor, top_k: int, min_tokens_to_keep: int = 1) 
         ``(..., V)`` the filtered logits.
     """
     _check_logits(logits)
-    top_k = _check_count(top_k, "top_k")
-    min_tokens_to_keep = _check_count(min_tokens_to_keep, "min_tokens_to_keep")
+    top_k = check_int(top_k, "top_k", minimum=1)
+    min_tokens_to_keep = check_int(min_tokens_to_keep, "min_tokens_to_keep", minimum=1)
     k = min(max(top_k, min_tokens_to_keep), logits.shape[-1])
     kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
     return logits.masked_fill(logits < kth_largest, FILTER_VALUE)
@@ -174,7 +158,7 @@ def top_p_filter(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1
     """
     _check_logits(logits)
     top_p = _check_top_p(top_p)
-    min_tokens_to_keep = _check_count(min_tokens_to_keep, "min_tokens_to_keep")
+    min_tokens_to_keep = check_int(min_tokens_to_keep, "min_tokens_to_keep", minimum=1)
     V = logits.shape[-1]
     ascending = _ascending_values(logits).to(logits.device)  # (..., V) least probable first
     tail_mass = ascending.softmax(dim=-1).cumsum(dim=-1)  # (..., V) p of this token and of all below it
@@ -213,7 +197,7 @@ def min_p_filter(logits: torch.Tensor, min_p: float, min_tokens_to_keep: int = 1
     """
     _check_logits(logits)
     min_p = _check_min_p(min_p)
-    min_tokens_to_keep = _check_count(min_tokens_to_keep, "min_tokens_to_keep")
+    min_tokens_to_keep = check_int(min_tokens_to_keep, "min_tokens_to_keep", minimum=1)
     probs = logits.softmax(dim=-1)
     threshold = min_p * probs.amax(dim=-1, keepdim=True)  # (..., 1)
     remove = probs < threshold
@@ -265,11 +249,10 @@ def sample_next_token(
     temperature = _check_temperature(temperature, allow_zero=True)
     top_p = _check_top_p(top_p)
     if top_k is not None:
-        top_k = _check_count(top_k, "top_k")
+        top_k = check_int(top_k, "top_k", minimum=1)
     if min_p is not None:
         min_p = _check_min_p(min_p)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    check_generator(generator)
     if logits.ndim not in (1, 2):
         raise ValueError(f"logits must have shape (V,) or (B, V), got {tuple(logits.shape)}")
     if not torch.isfinite(logits).any(dim=-1).all():
@@ -288,12 +271,14 @@ def _sample(logits, temperature, top_k, top_p, min_p, generator) -> torch.Tensor
 
 
 def _token_ids(value, name: str) -> list[int]:
+    """One token id or several, as a list of ints >= 0 (``None`` is the empty list)."""
     if value is None:
         return []
-    values = [value] if isinstance(value, Integral) else list(value)
-    if not all(isinstance(v, Integral) and not isinstance(v, bool) for v in values):
+    if isinstance(value, Integral) or (isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0):
+        value = [value]
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, torch.Tensor, np.ndarray)):
         raise TypeError(f"{name} must be an int, a list of ints or None, got {value!r}")
-    return [int(v) for v in values]
+    return [check_int(v, name, minimum=0) for v in value]
 
 
 @torch.no_grad()
@@ -334,22 +319,31 @@ def generate(
     Returns:
         ``(B, P + n)`` the prompt followed by the $n \le$ ``max_new_tokens`` new tokens.
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
-        raise ValueError("input_ids must be a (B, P) torch.long tensor")
+    check_int_tensor(input_ids, "input_ids")
+    if input_ids.ndim != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"input_ids must be a (B, P) torch.long tensor, got shape {tuple(input_ids.shape)}, "
+                         f"{input_ids.dtype}")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids must hold at least one prompt token")
-    max_new_tokens = _check_count(max_new_tokens, "max_new_tokens")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        raise ValueError(f"input_ids must hold token ids in [0, {vocab}) (the model's vocabulary), "
+                         f"got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)
     temperature = _check_temperature(temperature, allow_zero=True)
     top_p = _check_top_p(top_p)
-    top_k = None if top_k is None else _check_count(top_k, "top_k")
+    top_k = None if top_k is None else check_int(top_k, "top_k", minimum=1)
     min_p = None if min_p is None else _check_min_p(min_p)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    check_generator(generator)
+    if attention_mask is not None:
+        check_tensor(attention_mask, "attention_mask")
     config = getattr(model, "generation_config", None)
     eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None), "eos_token_id")
     if pad_token_id is None:
         pad_token_id = getattr(config, "pad_token_id", None)
         pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
+    if pad_token_id is not None:
+        pad_token_id = check_int(pad_token_id, "pad_token_id", minimum=0)
     if eos and pad_token_id is None:
         raise ValueError("pad_token_id is needed to fill rows that ended; pass one")
 

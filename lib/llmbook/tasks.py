@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from llmbook._checks import check_int
 from llmbook.data import chat_prompt, read_jsonl
 
 TASK_FILE = "lora_task.jsonl"
@@ -93,10 +94,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not one string")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
     device = _device(model)

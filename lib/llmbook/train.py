@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
+from llmbook._checks import check_int, check_real
+
 __all__ = ["History", "move_to", "train", "trainable_parameters"]
 
 
@@ -109,14 +111,15 @@ def train(
     Returns:
         a :class:`History`.
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
-        raise ValueError(f"grad_accum_steps must be an integer >= 1, got {grad_accum_steps!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
+    steps = check_int(steps, "steps", minimum=1)
+    grad_accum_steps = check_int(grad_accum_steps, "grad_accum_steps", minimum=1)
+    lr = check_real(lr, "lr", low=0.0, low_open=True)
+    weight_decay = check_real(weight_decay, "weight_decay", low=0.0)
+    warmup_steps = check_int(warmup_steps, "warmup_steps", minimum=0)
+    if max_grad_norm is not None:  # 0 would zero every gradient, a negative norm flip them
+        max_grad_norm = check_real(max_grad_norm, "max_grad_norm", low=0.0, low_open=True)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
     params = trainable_parameters(model)
     if not params:
         raise ValueError("model has no trainable parameters (every parameter has requires_grad=False)")

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from llmbook._checks import check_int
+
 __all__ = [
     "TOLERANCES",
     "cpu_capability",
@@ -111,6 +113,7 @@ def tolerance(dtype: torch.dtype, kind: str = "model", scale: float = 1.0) -> di
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python's, NumPy's and torch's generators; return a fresh seeded ``torch.Generator``."""
+    seed = check_int(seed, "seed", minimum=0, maximum=2**32 - 1, hint="(NumPy's range)")
     random.seed(seed)
     try:
         import numpy as np
@@ -132,8 +135,8 @@ def time_call(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1, dev
 
     On CUDA the device is synchronised around each run so the time covers the kernels.
     """
-    if repeat < 1:
-        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    repeat = check_int(repeat, "repeat", minimum=1)
+    warmup = check_int(warmup, "warmup", minimum=0)
     device = torch.device(device) if device is not None else None
     for _ in range(warmup):
         fn()
