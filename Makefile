@@ -33,10 +33,24 @@ book: setup
 	$(BIN)/python scripts/check_offline.py _build/html
 	@echo "Open _build/html/index.html"
 
-# JupyterLab on this machine only, with a fresh random token (printed in the URL).
+# JupyterLab on this machine only (127.0.0.1), with a fresh random token. The token travels in
+# the environment (JUPYTER_TOKEN), which other users cannot read as they can read a command line
+# (ps); JupyterLab shows such a token as "...", so the URL with it is printed here. LAB_PORT picks
+# the port (default: the first free one from 8888), LAB_DIR the folder it opens, LAB_ARGS adds
+# options (LAB_ARGS=--no-browser). Run as root (in a container, say), it adds --allow-root and says so.
+LAB_PORT ?=
+LAB_DIR ?= chapters
+LAB_ARGS ?=
 lab: setup
-	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=chapters \
-		--IdentityProvider.token=$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(24))')
+	@token=$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(24))'); \
+	port="$(LAB_PORT)"; \
+	free='import socket; print(next(p for p in range(8888, 8988) if socket.socket().connect_ex(("127.0.0.1", p))))'; \
+	if [ -z "$$port" ]; then port=$$($(BIN)/python -c "$$free"); fi; \
+	root=; if [ "$$(id -u)" = 0 ]; then root=--allow-root; \
+		echo "make lab: running as root, so JupyterLab is started with --allow-root"; fi; \
+	echo "make lab: JupyterLab at http://127.0.0.1:$$port/lab?token=$$token"; \
+	JUPYTER_TOKEN=$$token exec $(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$$port \
+		--ServerApp.port_retries=0 --ServerApp.root_dir="$(LAB_DIR)" $$root $(LAB_ARGS)
 
 # The browser test needs the built book: it runs in test-browser, after `book`.
 test-unit: setup
