@@ -231,21 +231,57 @@ def test_damaged_cache_is_rebuilt_with_a_warning_naming_it(fake_cache, damage):
     assert weights.read_bytes() == WEIGHTS
 
 
-def test_damage_that_keeps_size_and_time_is_found_by_verify(fake_cache, monkeypatch):
+def unseen(final, name, write):
+    """Damage no recorded time shows (bits flipped on the disk): new bytes, and a manifest that agrees on the times."""
+    write(final / name)
+    manifest = json.loads((final / models.MANIFEST).read_text())
+    now = (final / name).stat()
+    manifest["files"][name].update(mtime_ns=now.st_mtime_ns, ctime_ns=now.st_ctime_ns)
+    (final / models.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_damage_that_restores_size_and_mtime_is_found_by_the_cheap_check(fake_cache):
     final, calls = fake_cache
     models.default_model_path()
     weights = final / "model.safetensors"
     keep_mtime(weights, lambda p: p.write_bytes(bytes(len(WEIGHTS))))
+    with pytest.warns(UserWarning, match="model.safetensors no longer has the sha256"):
+        models.default_model_path()  # the write moved the status-change time, which no program can set back
+    assert len(calls) == 2 and weights.read_bytes() == WEIGHTS
+
+
+def test_damage_no_time_records_is_found_by_verify(fake_cache, monkeypatch):
+    final, calls = fake_cache
+    models.default_model_path()
+    weights = final / "model.safetensors"
+    unseen(final, "model.safetensors", lambda p: p.write_bytes(bytes(len(WEIGHTS))))
     models.default_model_path()
     assert len(calls) == 1  # the cheap check cannot see it: that is the documented trade-off
     with pytest.warns(UserWarning, match="model.safetensors no longer has the sha256"):
         models.default_model_path(verify=True)
     assert len(calls) == 2 and weights.read_bytes() == WEIGHTS
-    keep_mtime(weights, lambda p: p.write_bytes(bytes(len(WEIGHTS))))
+    unseen(final, "model.safetensors", lambda p: p.write_bytes(bytes(len(WEIGHTS))))
     monkeypatch.setenv("LLMBOOK_VERIFY_CACHE", "1")
     with pytest.warns(UserWarning, match="no longer has the sha256"):
         models.default_model_path()
     assert len(calls) == 3 and weights.read_bytes() == WEIGHTS
+
+
+def test_a_manifest_entry_without_the_status_change_time_is_hashed_once(fake_cache, hashes):
+    final, calls = fake_cache
+    models.default_model_path()
+    manifest = json.loads((final / models.MANIFEST).read_text())
+    for entry in manifest["files"].values():
+        del entry["ctime_ns"]  # as an earlier version wrote it
+    (final / models.MANIFEST).write_text(json.dumps(manifest))
+    hashes.clear()
+    models.default_model_path()
+    assert len(calls) == 1 and set(hashes) == {"config.json", "model.safetensors"}
+    files = json.loads((final / models.MANIFEST).read_text())["files"]
+    assert files["model.safetensors"]["ctime_ns"] == (final / "model.safetensors").stat().st_ctime_ns
+    hashes.clear()
+    models.default_model_path()
+    assert hashes == []
 
 
 def test_a_touched_file_is_hashed_once_and_kept(fake_cache, hashes):
@@ -427,8 +463,8 @@ def test_load_model_rebuilds_a_cache_whose_files_do_not_load(tiny_cache, monkeyp
     final, calls = tiny_cache
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     models.default_model_path()
-    # Damage the safetensors header without changing size or time: only loading finds it.
-    keep_mtime(final / "model.safetensors", lambda p: p.write_bytes(b"\xff" * 16 + p.read_bytes()[16:]))
+    # Damage the safetensors header where no recorded time shows it: only loading finds it.
+    unseen(final, "model.safetensors", lambda p: p.write_bytes(b"\xff" * 16 + p.read_bytes()[16:]))
     with pytest.warns(UserWarning, match="model.safetensors no longer has the sha256"):
         model, _ = models.load_model(device="cpu")
     assert len(calls) == 2
@@ -436,6 +472,46 @@ def test_load_model_rebuilds_a_cache_whose_files_do_not_load(tiny_cache, monkeyp
     ids = torch.tensor([[1, 5, 7, 9]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def same_size_garbage(path):
+    path.write_bytes(b"x" * path.stat().st_size)
+
+
+def bad_header(path):
+    raw = path.read_bytes()
+    path.write_bytes(raw[:8] + b"\xff" * 16 + raw[24:])  # the JSON header right after its 8-byte length
+
+
+def bad_4k_of_weights(path):
+    raw = bytearray(path.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 4096] = b"\xff" * 4096  # 0xffffffff is a float32 NaN
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("restore_mtime", [False, True], ids=["plain-write", "mtime-restored"])
+@pytest.mark.parametrize("name, damage", [("config.json", same_size_garbage), ("model.safetensors", bad_header),
+                                          ("model.safetensors", bad_4k_of_weights)],
+                         ids=["config-garbage", "safetensors-header", "4k-of-weights"])
+def test_load_model_rebuilds_each_damaged_file(tiny_cache, monkeypatch, name, damage, restore_mtime):
+    from transformers import AutoModelForCausalLM
+
+    final, calls = tiny_cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models.default_model_path()
+    size = (final / name).stat().st_size
+    (keep_mtime if restore_mtime else lambda path, write: write(path))(final / name, damage)
+    assert (final / name).stat().st_size == size
+    with pytest.warns(UserWarning, match=rf"model cache {final} is damaged \({name} no longer has the sha256"):
+        model, _ = models.load_model(device="cpu")
+    assert len(calls) == 2
+    reference = AutoModelForCausalLM.from_pretrained(final)  # the rebuilt files, read by transformers
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, reference(ids).logits, rtol=0, atol=0)
+    assert torch.isfinite(logits).all()
 
 
 def test_load_model_names_an_intact_cache_that_does_not_load(fake_cache, monkeypatch):

