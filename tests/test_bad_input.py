@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmbook import data, dpo, hallucination as H, lora, losses, models, plots, prefix, sampling, tasks, train, utils
+from llmbook import data, dpo, hallucination as H, lora, losses, models, plots, prefix, sampling, tasks, train, utils, widgets
 
 V = 16  # vocabulary of the small logits
 TINY_V = 256  # vocabulary of models.tiny_model
@@ -43,7 +43,7 @@ def chat_model(tokenizer):
 class Ctx:
     """What the table's calls need: small tensors, a tiny model, the real tokenizer."""
 
-    def __init__(self, tiny, tokenizer, chat_model):
+    def __init__(self, tiny, tokenizer, chat_model, tmp):
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(2, V, generator=g)                      # (B, V) next-token logits
         self.logits = torch.randn(2, 5, V, generator=g)              # (B, T, V)
@@ -53,6 +53,7 @@ class Ctx:
         self.ids = torch.randint(3, TINY_V, (2, 5), generator=g)     # prompts for the tiny model
         self.logps = torch.randn(3, generator=g) - 5                 # (B,) log-probabilities
         self.tiny, self.tok, self.chat_model = tiny, tokenizer, chat_model
+        self.tmp = tmp
 
     def dpo_loss(self, **kwargs):
         args = dict(policy_chosen_logps=self.logps, policy_rejected_logps=self.logps - 1,
@@ -75,6 +76,17 @@ class Ctx:
     def lora_linear(self, **kwargs):
         return lora.LoRALinear(torch.nn.Linear(16, 16), **{"r": 2, "lora_alpha": 4, **kwargs})
 
+    def history(self):
+        h = train.History()
+        h.log(step=1, loss=2.0, grad_norm=1.0)
+        h.log(step=2, loss=1.0, grad_norm=0.5)
+        return h
+
+    def file(self, name, content: bytes):
+        path = self.tmp / name
+        path.write_bytes(content)
+        return path
+
     def qa_batch(self, **overrides):
         ids = torch.randint(3, TINY_V, (2, 6))
         labels = ids.clone()
@@ -84,8 +96,8 @@ class Ctx:
 
 
 @pytest.fixture(scope="module")
-def ctx(tiny, tokenizer, chat_model):
-    return Ctx(tiny, tokenizer, chat_model)
+def ctx(tiny, tokenizer, chat_model, tmp_path_factory):
+    return Ctx(tiny, tokenizer, chat_model, tmp_path_factory.mktemp("files"))
 
 
 # (id, call, error, pattern the message must match)
@@ -116,11 +128,47 @@ BAD = [
      ValueError, r"input_ids must hold token ids in \[0, 256\)"),
     ("generate-pad_token_id-negative", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2, eos_token_id=2,
                                                                    pad_token_id=-1),
-     ValueError, "pad_token_id must be >= 0"),
+     ValueError, r"pad_token_id must be in \[0, 255\]"),
     ("generate-eos-str", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2, eos_token_id=["a"]), TypeError,
      "eos_token_id"),
+    ("generate-mask-right-padded", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2,
+                                                               attention_mask=torch.tensor([[1] * 5, [1, 1, 1, 0, 0]])),
+     ValueError, r"attention_mask rows \[1\] have padding after their tokens.*padding_side = 'left'"),
+    ("generate-mask-float", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2,
+                                                        attention_mask=torch.tensor([[1.0] * 5, [0, 0, 0.5, 1, 1]])),
+     TypeError, "attention_mask must be an integer or bool tensor of 0s and 1s"),
+    ("generate-mask-all-zero-row", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2,
+                                                               attention_mask=torch.tensor([[1] * 5, [0] * 5])),
+     ValueError, r"attention_mask rows \[1\] are all 0"),
+    ("generate-mask-value-2", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2,
+                                                          attention_mask=torch.tensor([[1] * 5, [0, 0, 2, 1, 1]])),
+     ValueError, "attention_mask must hold only 0 .* and 1"),
+    ("generate-eos-out-of-vocab", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2, eos_token_id=10**6),
+     ValueError, r"eos_token_id must be in \[0, 255\] \(a token of the model's vocabulary of 256\)"),
+    ("generate-pad-out-of-vocab", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2, eos_token_id=2,
+                                                              pad_token_id=TINY_V),
+     ValueError, r"pad_token_id must be in \[0, 255\]"),
+    ("generate-empty-batch", lambda c: sampling.generate(c.tiny, c.ids[:0], max_new_tokens=2), ValueError,
+     r"input_ids must hold at least one prompt .*got shape \(0, 5\)"),
+    ("temperature-overflows", lambda c: sampling.apply_temperature(c.x, 1e-320), ValueError,
+     "temperature must be large enough that logits / temperature stays finite in torch.float32"),
+    ("sample-temperature-overflows", lambda c: sampling.sample_next_token(c.x, temperature=1e-45), ValueError,
+     "temperature must be large enough"),
+    ("generate-temperature-overflows", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2, temperature=1e-320),
+     ValueError, "temperature must be large enough"),
     # --- losses
     ("log_softmax-int", lambda c: losses.log_softmax(torch.arange(3)), TypeError, "logits must be a floating-point"),
+    ("log_softmax-empty-vocabulary", lambda c: losses.log_softmax(torch.randn(2, 0)), ValueError,
+     r"logits must have a non-empty dimension dim=-1"),
+    ("log_softmax-dim-out-of-range", lambda c: losses.log_softmax(c.x, dim=5), ValueError,
+     r"dim must be in \[-2, 1\] \(a dimension of logits of shape \(2, 16\)\)"),
+    ("log_softmax-dim-float", lambda c: losses.log_softmax(c.x, dim=1.5), TypeError, "dim must be an integer"),
+    ("selective-empty-vocabulary", lambda c: losses.selective_log_softmax(torch.randn(2, 0), torch.zeros(2, dtype=torch.long)),
+     ValueError, "logits must have a non-empty last"),
+    ("sft_loss-ignore_index-none", lambda c: losses.sft_loss(c.logits, c.labels, ignore_index=None), TypeError,
+     "ignore_index must be an integer, got NoneType"),
+    ("chunked-ignore_index-none", lambda c: losses.chunked_sft_loss(c.hidden, c.weight, c.labels, ignore_index=None),
+     TypeError, "ignore_index must be an integer"),
     ("sft_loss-ignore_index-float", lambda c: losses.sft_loss(c.logits, c.labels, ignore_index=-100.5), TypeError,
      "ignore_index must be an integer"),
     ("sft_loss-no-response", lambda c: losses.sft_loss(c.logits, torch.full((2, 5), -100)), ValueError,
@@ -129,6 +177,8 @@ BAD = [
      r"labels must have shape \(2, 5\)"),
     ("selective-index-float", lambda c: losses.selective_log_softmax(c.x, torch.zeros(2)), TypeError,
      "index must be an integer tensor"),
+    ("per_token_logps-float-labels", lambda c: losses.per_token_logps(c.logits, c.labels.float()), TypeError,
+     "labels must be an integer tensor"),
     ("chunk_size-float", lambda c: losses.chunked_sft_loss(c.hidden, c.weight, c.labels, chunk_size=2.5), TypeError,
      "chunk_size must be an integer"),
     ("chunk_size-zero", lambda c: losses.chunked_sft_loss(c.hidden, c.weight, c.labels, chunk_size=0), ValueError,
@@ -154,6 +204,27 @@ BAD = [
      ValueError, "mismatched batch sizes"),
     ("compute_loss-beta-negative", lambda c: dpo.compute_loss(c.tiny, c.pref_batch(), beta=-1), ValueError,
      "beta must be .*> 0"),
+    ("dpo-empty-batch", lambda c: c.dpo_loss(**{k: c.logps[:0] for k in ("policy_chosen_logps", "policy_rejected_logps",
+                                                                          "ref_chosen_logps", "ref_rejected_logps")}),
+     ValueError, r"policy_chosen_logps and the others are empty \(B = 0\)"),
+    ("concatenated_forward-empty-batch", lambda c: dpo.concatenated_forward(c.tiny, {k: v[:0] for k, v in
+                                                                                     c.pref_batch().items()}),
+     ValueError, r"batch holds no pairs \(chosen_input_ids has 0 rows\)"),
+    ("sequence_logps-ignore_index-none", lambda c: dpo.sequence_logps(c.logits, c.labels, ignore_index=None), TypeError,
+     "ignore_index must be an integer"),
+    ("reward_metrics-list", lambda c: dpo.reward_metrics([1.0], [0.0]), TypeError, "chosen_rewards must be a torch.Tensor"),
+    ("reward_metrics-empty", lambda c: dpo.reward_metrics(torch.zeros(0), torch.zeros(0)), ValueError,
+     r"chosen_rewards must have shape \(B,\) with B >= 1"),
+    ("logits_to_keep-list", lambda c: dpo.logits_to_keep([[1, 2]]), TypeError, "labels must be a torch.Tensor"),
+    ("logits_to_keep-float", lambda c: dpo.logits_to_keep(torch.zeros(2, 3)), TypeError, "labels must be an integer tensor"),
+    ("logits_to_keep-1d", lambda c: dpo.logits_to_keep(torch.tensor([1, 2, 3])), ValueError,
+     r"labels must have shape \(B, T\)"),
+    ("dpo-per_token_logps-float-labels", lambda c: dpo.per_token_logps(c.logits, c.labels.float()), TypeError,
+     "labels must be integer token ids"),
+    ("reference_logps-no-lora", lambda c: dpo.reference_logps(c.tiny, c.pref_batch()), ValueError,
+     "model has no LoRA layers, so it cannot serve as its own reference: pass ref_model"),
+    ("with_reference_logps-no-lora", lambda c: dpo.with_reference_logps(c.tiny, [c.pref_batch()]), ValueError,
+     "cannot serve as its own reference"),
     # --- lora
     ("r-float", lambda c: c.lora_linear(r=2.5), TypeError, "r must be an integer"),
     ("r-np-zero", lambda c: c.lora_linear(r=np.int64(0)), ValueError, "r must be >= 1"),
@@ -167,6 +238,19 @@ BAD = [
      "target_modules must be"),
     ("apply_lora-r-zero", lambda c: lora.apply_lora(models.tiny_model(), ["q_proj"], r=0, lora_alpha=4), ValueError,
      "r must be >= 1"),
+    ("apply_lora-tied-lm_head", lambda c: lora.apply_lora(models.tiny_model(), ["lm_head"], r=2, lora_alpha=4), ValueError,
+     r"'lm_head', whose weight is tied to 'model.embed_tokens.weight'.*untie it first"),
+    ("apply_lora-model-str", lambda c: lora.apply_lora("model", ["q_proj"], r=2, lora_alpha=4), TypeError,
+     "model must be a torch.nn.Module"),
+    ("count_parameters-str", lambda c: lora.count_parameters("model"), TypeError, "model must be a torch.nn.Module"),
+    ("merge_lora-str", lambda c: lora.merge_lora("model"), TypeError, "model must be a torch.nn.Module"),
+    ("unmerge_lora-no-lora", lambda c: lora.unmerge_lora(models.tiny_model()), ValueError,
+     "model has no LoRA layers to unmerge"),
+    ("disable_lora-no-lora", lambda c: lora.disable_lora(models.tiny_model()).__enter__(), ValueError,
+     "model has no LoRA layers to disable"),
+    ("lora_layers-str", lambda c: lora.lora_layers("model"), TypeError, "model must be a torch.nn.Module"),
+    ("LoRALinear-base-conv", lambda c: lora.LoRALinear(torch.nn.Conv1d(4, 4, 1), 2, 4), TypeError,
+     "base must be an nn.Linear"),
     # --- prefix
     ("num_virtual_tokens-bool", lambda c: prefix.prefix_parameter_count(True, 2, 8), TypeError,
      "num_virtual_tokens must be an integer"),
@@ -192,6 +276,13 @@ BAD = [
     ("max_grad_norm-negative", lambda c: c.train(max_grad_norm=-1.0), ValueError, "max_grad_norm must be .*> 0"),
     ("weight_decay-negative", lambda c: c.train(weight_decay=-0.1), ValueError, "weight_decay must be .*>= 0"),
     ("loss_fn-none", lambda c: c.train(loss_fn=None), TypeError, "loss_fn must be callable"),
+    ("History-mean-empty", lambda c: train.History().mean(), ValueError, "the history is empty .*'loss'"),
+    ("History-last-empty", lambda c: train.History().last(), ValueError, "the history is empty"),
+    ("History-mean-unknown-key", lambda c: c.history().mean("acc"), KeyError,
+     r"key 'acc' is not a metric of this history; it has \['grad_norm', 'loss'"),
+    ("History-mean-last-zero", lambda c: c.history().mean(last=0), ValueError, "last must be >= 1"),
+    ("History-mean-last-negative", lambda c: c.history().mean(last=-1), ValueError, "last must be >= 1"),
+    ("History-mean-last-float", lambda c: c.history().mean(last=2.5), TypeError, "last must be an integer"),
     # --- models
     ("tiny-kv-heads-zero", lambda c: models.tiny_model(num_key_value_heads=0), ValueError,
      "num_key_value_heads must be >= 1"),
@@ -202,6 +293,11 @@ BAD = [
     ("chat-max_new_tokens-zero", lambda c: models.chat(c.chat_model, c.tok, "Hi", max_new_tokens=0), ValueError,
      "max_new_tokens must be >= 1"),
     ("load_model-name-int", lambda c: models.load_model(123), TypeError, "name must be a model id or a path"),
+    ("default_model_path-rebuild-str", lambda c: models.default_model_path(rebuild="no"), TypeError,
+     r"rebuild must be True or False, got str \('no'\)"),
+    ("default_model_path-verify-str", lambda c: models.default_model_path(verify="yes"), TypeError,
+     "verify must be True, False or None"),
+    ("resolve_dtype-int8", lambda c: models.resolve_dtype("int8", "cpu"), ValueError, "dtype must be a torch floating dtype"),
     # --- data
     ("encode_sft-max_length-negative", lambda c: data.encode_sft(c.tok, "Hi", "Hello", max_length=-1), ValueError,
      "max_length must be >= 1"),
@@ -213,12 +309,48 @@ BAD = [
      "max_length must be >= 1"),
     ("pad-length-float", lambda c: data.pad([[1, 2]], 0, length=2.5), TypeError, "length must be an integer"),
     ("pad-value-str", lambda c: data.pad([[1, 2]], "x"), TypeError, "value must be an integer"),
+    ("pad-of-str", lambda c: data.pad(["ab"], 0), TypeError, r"sequences\[0\] must be a list of integer token ids"),
+    ("pad-empty", lambda c: data.pad([], 0), ValueError, "sequences is empty"),
+    ("chat_prompt-int", lambda c: data.chat_prompt(c.tok, 3), ValueError, "prompt must be a non-empty string, got 3"),
+    ("read_jsonl-missing-file", lambda c: data.read_jsonl("no-such-file.jsonl"), FileNotFoundError, "no-such-file.jsonl"),
+    ("PreferenceCollator-empty", lambda c: data.PreferenceCollator(c.tok)([]), ValueError,
+     "examples is empty: a batch needs at least one example"),
+    ("PreferenceCollator-one-dict", lambda c: data.PreferenceCollator(c.tok)({"prompt": "a", "chosen": "b", "rejected": "c"}),
+     TypeError, r"examples must be a list of dicts .*got a dict; wrap a single example as \[example\]"),
+    ("SFTCollator-empty", lambda c: data.SFTCollator(c.tok)([]), ValueError, "examples is empty"),
+    ("SFTCollator-list-of-str", lambda c: data.SFTCollator(c.tok)(["What is 2+2?"]), TypeError,
+     r"examples\[0\] must be a dict with 'prompt', 'response', got a str"),
+    ("write_jsonl-one-dict", lambda c: data.write_jsonl(c.tmp / "x.jsonl", {"a": 1, "b": 2}), TypeError,
+     r"rows must be an iterable of dicts, one per line, got a dict; wrap a single row as \[row\]"),
+    ("write_jsonl-str", lambda c: data.write_jsonl(c.tmp / "x.jsonl", "abc"), TypeError, "rows must be an iterable of dicts"),
+    ("write_jsonl-row-str", lambda c: data.write_jsonl(c.tmp / "x.jsonl", [{"a": 1}, "b"]), TypeError,
+     "rows must hold dicts .*row 2 is a str"),
+    ("write_jsonl-nan", lambda c: data.write_jsonl(c.tmp / "x.jsonl", [{"a": math.nan}]), ValueError,
+     "rows: row 1 holds a NaN or infinite number"),
+    ("read_jsonl-invalid-utf8", lambda c: data.read_jsonl(c.file("bad.jsonl", b'{"a": 1}\n{"b": "\xff\xfe"}\n')),
+     ValueError, r"bad.jsonl:2: not valid UTF-8 \(byte 0xff at column 8\)"),
+    ("read_jsonl-not-an-object", lambda c: data.read_jsonl(c.file("list.jsonl", b'{"a": 1}\n[1, 2]\n')), ValueError,
+     r"list.jsonl:2: a row must be a JSON object"),
     # --- tasks
     ("tasks-max_new_tokens-np-zero", lambda c: tasks.generate_answers(c.chat_model, c.tok, ["hi"],
                                                                       max_new_tokens=np.int64(0)),
      ValueError, "max_new_tokens must be >= 1"),
     ("tasks-batch_size-float", lambda c: tasks.generate_answers(c.chat_model, c.tok, ["hi"], batch_size=1.5), TypeError,
      "batch_size must be an integer"),
+    ("score-reference-not-json", lambda c: tasks.score('{"animal": "fox"}', {"response": "fox, red, park"}), ValueError,
+     r"example\['response'\] must be one JSON object \(the reference answer\), got 'fox, red, park'"),
+    ("score-reference-list", lambda c: tasks.score('{"animal": "fox"}', {"response": "[1, 2]"}), ValueError,
+     r"example\['response'\] must be one JSON object"),
+    ("score-reference-dict", lambda c: tasks.score('{"animal": "fox"}', {"response": {"animal": "fox"}}), TypeError,
+     r"example\['response'\] must be a str holding a JSON object, got dict"),
+    ("score-example-str", lambda c: tasks.score('{"animal": "fox"}', "fox"), ValueError,
+     "example must be a dict with a 'response'"),
+    ("tasks-accuracy-str", lambda c: tasks.accuracy(c.chat_model, c.tok, "abc"), TypeError,
+     "examples must be a list of dicts with 'prompt' and 'response', got str"),
+    ("tasks-accuracy-missing-key", lambda c: tasks.accuracy(c.chat_model, c.tok, [{"prompt": "hi"}]), ValueError,
+     r"examples\[0\] must be a dict with 'prompt' and 'response'"),
+    ("load_task-split", lambda c: tasks.load_task("dev"), ValueError, r"split must be one of \('train', 'test'\)"),
+    ("parse_answer-none", lambda c: tasks.parse_answer(None), TypeError, "answer must be a str"),
     # --- hallucination
     ("halluc-temperature-inf", lambda c: H.generate_answers(c.chat_model, c.tok, ["Hi?"], num_samples=1,
                                                             temperature=math.inf),
@@ -238,12 +370,33 @@ BAD = [
      r"threshold must be in \[0, 1\]"),
     ("group-unknown-shape", lambda c: H.sft_loss_by_group(c.tiny, c.qa_batch(unknown=torch.tensor([True]))), ValueError,
      r"unknown must have shape \(2,\)"),
+    ("knowledge_category-no-samples", lambda c: H.knowledge_category(True, []), ValueError, "samples_correct is empty"),
+    ("is_correct-response-none", lambda c: H.is_correct(None, "Paris"), TypeError, "response must be a str, got NoneType"),
+    ("is_correct-aliases-str", lambda c: H.is_correct("Paris", "Paris", "Paree"), TypeError, "aliases must be a list of str"),
+    ("normalize_answer-none", lambda c: H.normalize_answer(None), TypeError, "text must be a str"),
+    ("halluc-accuracy-empty", lambda c: H.accuracy([]), ValueError, "correct is empty"),
+    ("QACollator-empty", lambda c: H.QACollator(c.tok)([]), ValueError, "rows is empty"),
+    ("QACollator-one-dict", lambda c: H.QACollator(c.tok)({"question": "Hi?", "response": "Hello."}), TypeError,
+     "rows must be a list of dicts with 'question', 'response', got a dict"),
     # --- utils and plots (outside the numeric policy)
     ("time_call-repeat-zero", lambda c: utils.time_call(lambda: None, repeat=0), ValueError, "repeat must be >= 1"),
     ("time_call-repeat-float", lambda c: utils.time_call(lambda: None, repeat=2.5), TypeError,
      "repeat must be an integer"),
     ("time_call-warmup-negative", lambda c: utils.time_call(lambda: None, warmup=-1), ValueError,
      "warmup must be >= 0"),
+    ("time_call-fn-not-callable", lambda c: utils.time_call(3), TypeError, "fn must be callable"),
+    ("peak_bytes-fn-not-callable", lambda c: utils.peak_bytes(3, "cpu"), TypeError, "fn must be callable"),
+    ("tolerance-int-dtype", lambda c: utils.tolerance(torch.int64), ValueError, "dtype must be one of"),
+    ("cpu_has_native_bf16-capability-int", lambda c: utils.cpu_has_native_bf16(3), TypeError,
+     "capability must be a string"),
+    ("subplots-ncols-zero", lambda c: plots.subplots(0), ValueError, "ncols must be >= 1"),
+    ("subplots-width-negative", lambda c: plots.subplots(width=-1), ValueError, r"width must be > 0 \(inches\)"),
+    ("plot_history-unknown-key", lambda c: plots.plot_history(c.history(), "acc"), KeyError,
+     "key 'acc' is not a metric of this history"),
+    ("plot_history-list", lambda c: plots.plot_history([1.0, 2.0]), TypeError, "history must be the History"),
+    ("trainable_parameters-str", lambda c: train.trainable_parameters("model"), TypeError,
+     "model must be a torch.nn.Module"),
+    ("slider_panel-draw-str", lambda c: widgets.slider_panel("draw"), TypeError, "draw must be callable"),
     ("seed-str", lambda c: utils.seed_everything("a"), TypeError, "seed must be an integer"),
     ("smooth-window-zero", lambda c: plots.smooth([1.0, 2.0], 0), ValueError, "window must be >= 1"),
     ("smooth-window-float", lambda c: plots.smooth([1.0, 2.0], 1.5), TypeError, "window must be an integer"),
@@ -254,6 +407,40 @@ BAD = [
 def test_bad_input_is_named(ctx, call, error, pattern):
     with pytest.raises(error, match=pattern):
         call(ctx)
+
+
+# Public names the table reaches through a helper of Ctx, and those with nothing to refuse.
+THROUGH_CTX = {"dpo.dpo_loss": "c.dpo_loss", "lora.LoRALinear": "c.lora_linear", "train.train": "c.train",
+               "train.History": "c.history"}
+NO_ARGUMENTS = {
+    "data.data_dir", "models.cache_dir", "models.pick_device", "models.ModelCacheError",
+    "models.ModelNotAvailableError", "plots.use_style", "utils.cpu_capability", "H.Answers",
+    "utils.peak_memory_start", "utils.peak_memory_since",  # a device (torch names a bad one) and a count it returned
+    "train.move_to",  # any value: what is not a tensor, dict, list or tuple is returned as it is
+    "prefix.prefix_kv_shape",  # a transformers config; tests/test_prefix.py checks its refusals
+}
+
+
+def test_the_table_reaches_every_public_function():
+    # A new public function or class must get a row above (or a reason to be listed here).
+    import inspect
+    import re
+    import sys
+
+    table = inspect.getsource(sys.modules[__name__]).split("BAD = [", 1)[1].split("\n]\n", 1)[0]
+    aliases = {"data": data, "dpo": dpo, "H": H, "lora": lora, "losses": losses, "models": models, "plots": plots,
+               "prefix": prefix, "sampling": sampling, "tasks": tasks, "train": train, "utils": utils,
+               "widgets": widgets}
+    missing = []
+    for alias, module in aliases.items():
+        for name in module.__all__:
+            if not callable(getattr(module, name)):
+                continue
+            key = f"{alias}.{name}"
+            reached = re.search(rf"\b{re.escape(THROUGH_CTX.get(key, key))}\(", table)
+            if not reached and key not in NO_ARGUMENTS:
+                missing.append(key)
+    assert missing == []
 
 
 def test_a_failed_apply_lora_leaves_the_model_untouched():
@@ -351,3 +538,102 @@ def test_numpy_max_length_truncates_like_a_python_int(tokenizer):
     n = len(full["input_ids"]) - 3
     cut = data.encode_sft(tokenizer, "What is 2+2?", "It is four, as two and two make four.", max_length=np.int64(n))
     assert cut["input_ids"] == full["input_ids"][:n] and cut["labels"] == full["labels"][:n]
+
+
+# --- edge cases with a correct result, against the references ---------------------------
+
+def test_lora_on_an_untied_lm_head_merges_without_touching_the_embedding():
+    # apply_lora refuses the tied head (table above); untied as its error says, merging is exact.
+    model = models.tiny_model(seed=0)
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    with pytest.raises(ValueError, match="untie it first"):
+        lora.apply_lora(model, ["lm_head"], r=2, lora_alpha=4)
+    assert lora.lora_layers(model) == [] and model.lm_head.weight is model.get_input_embeddings().weight
+    layer = model.get_submodule("lm_head")
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    lora.apply_lora(model, ["lm_head"], r=2, lora_alpha=4)
+    head = model.lm_head
+    torch.nn.init.normal_(head.lora_B.weight)  # a trained-looking, non-zero update
+    ids = torch.randint(3, TINY_V, (2, 7))
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state
+        unmerged = model(ids).logits
+        # The closed form W h + (alpha / r) B A h, from the layer's own matrices.
+        expected = hidden @ head.base.weight.T + (hidden @ head.lora_A.weight.T @ head.lora_B.weight.T) * (4 / 2)
+        lora.merge_lora(model)
+        merged = model(ids).logits
+    torch.testing.assert_close(unmerged, expected, **utils.tolerance(torch.float32, "op"))
+    torch.testing.assert_close(merged, unmerged, **utils.tolerance(torch.float32, "op"))
+    assert torch.equal(model.get_input_embeddings().weight, embedding)
+
+
+def test_generate_warns_past_the_context_and_matches_transformers():
+    model = models.tiny_model(seed=0)  # max_position_embeddings = 512
+    ids = torch.randint(3, TINY_V, (1, 510))
+    with pytest.warns(UserWarning, match=r"input_ids \(510 tokens\) plus max_new_tokens \(4\) exceed the model's "
+                                         r"context of 512 positions"):
+        ours = sampling.generate(model, ids, max_new_tokens=4, temperature=0, eos_token_id=[])
+    theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                            eos_token_id=None, pad_token_id=2)
+    assert torch.equal(ours, theirs)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the context: no warning
+        sampling.generate(model, ids[:, :500], max_new_tokens=4, temperature=0, eos_token_id=[])
+
+
+def test_generate_takes_a_bool_left_padded_mask_like_transformers(ctx):
+    mask = torch.tensor([[True] * 5, [False, False, True, True, True]])
+    ours = sampling.generate(ctx.tiny, ctx.ids, attention_mask=mask, max_new_tokens=4, temperature=0, eos_token_id=[])
+    theirs = ctx.tiny.generate(ctx.ids, attention_mask=mask.long(), max_new_tokens=4, do_sample=False,
+                               eos_token_id=None, pad_token_id=2)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dpo_loss_of_half_precision_logps_is_float32_and_the_closed_form(dtype):
+    pc, pr, rc, rr = (torch.tensor(v, dtype=dtype) for v in ([-12.5, -30.0], [-14.0, -29.0], [-13.0, -31.0],
+                                                             [-13.5, -28.0]))
+    losses_, chosen, rejected = dpo.dpo_loss(pc, pr, rc, rr, beta=0.1)
+    assert losses_.dtype == chosen.dtype == rejected.dtype == torch.float32
+    d = [x.double() for x in (pc, pr, rc, rr)]  # the same (exactly representable) inputs in float64
+    margin = 0.1 * ((d[0] - d[2]) - (d[1] - d[3]))
+    expected = torch.tensor([math.log1p(math.exp(-m)) for m in margin.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(losses_.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_dpo_loss_at_a_huge_margin_is_plus_zero_and_ln2_at_none():
+    zero = torch.tensor([0.0])
+    losses_, _, _ = dpo.dpo_loss(zero, torch.tensor([-50_000.0]), zero, zero, beta=0.1)  # margin +5000
+    assert losses_.item() == math.log1p(math.exp(-5000)) == 0.0
+    assert math.copysign(1.0, losses_.item()) == 1.0  # +0.0, not -0.0
+    losses_, _, _ = dpo.dpo_loss(torch.tensor([-50_000.0]), zero, zero, zero, beta=0.1)  # margin -5000
+    assert losses_.item() == 5000.0
+    losses_, _, _ = dpo.dpo_loss(zero, zero, zero, zero)
+    assert losses_.item() == pytest.approx(math.log(2), abs=1e-7)
+
+
+def test_empty_rows_give_empty_log_probabilities_like_torch():
+    x, index = torch.randn(0, V), torch.zeros(0, dtype=torch.long)
+    expected = torch.log_softmax(x, dim=-1)
+    assert torch.equal(losses.log_softmax(x), expected)
+    got = losses.selective_log_softmax(x, index)
+    assert got.shape == expected.gather(-1, index[:, None]).squeeze(-1).shape == (0,)
+    got = losses.selective_log_softmax(torch.randn(2, 0, V), torch.zeros(2, 0, 3, dtype=torch.long))
+    assert got.shape == (2, 0, 3)
+
+
+def test_history_mean_of_the_last_steps_is_their_mean(ctx):
+    h = ctx.history()
+    assert h.mean() == (2.0 + 1.0) / 2 and h.mean(last=1) == 1.0 and h.mean("grad_norm", last=np.int64(2)) == 0.75
+    assert h.last("grad_norm") == 0.5
+
+
+def test_write_jsonl_refuses_before_replacing_the_file(tmp_path):
+    path = data.write_jsonl(tmp_path / "rows.jsonl", [{"a": 1}])
+    with pytest.raises(TypeError, match="row 2 is a str"):
+        data.write_jsonl(path, [{"a": 2}, "b"])
+    assert path.read_text() == '{"a": 1}\n'  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]  # no temporary file left

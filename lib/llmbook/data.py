@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -52,25 +53,51 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not path.is_absolute() and not path.exists():
         path = data_dir() / path
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    with open(path, "rb") as handle:  # bytes, so a decoding error can name its line
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at "
+                                 f"column {error.start + 1}); JSON Lines files are UTF-8") from error
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{number}: a row must be a JSON object {{...}}, got a {type(row).__name__}")
+                rows.append(row)
     return rows
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
-    """Write rows as JSON Lines, atomically (a temporary file renamed into place)."""
+    """Write rows as JSON Lines, atomically (a temporary file renamed into place).
+
+    Args:
+        path: the file to write (its folder is created).
+        rows: an iterable of dicts, one JSON object per line (a single dict is refused:
+            iterating it would write its keys; pass ``[row]``).
+    """
+    if isinstance(rows, (Mapping, str, bytes)):
+        raise TypeError(f"rows must be an iterable of dicts, one per line, got a {type(rows).__name__}"
+                        + ("; wrap a single row as [row]" if isinstance(rows, Mapping) else ""))
+    if not hasattr(rows, "__iter__"):
+        raise TypeError(f"rows must be an iterable of dicts, one per line, got {type(rows).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for number, row in enumerate(rows, 1):
+                if not isinstance(row, Mapping):
+                    raise TypeError(f"rows must hold dicts (JSON objects); row {number} is a {type(row).__name__}")
+                try:
+                    text = json.dumps(row, ensure_ascii=False, allow_nan=False)
+                except ValueError as error:  # NaN or infinity: not JSON, and strict readers refuse it
+                    raise ValueError(f"rows: row {number} holds a NaN or infinite number, which JSON cannot "
+                                     f"store ({error})") from error
+                handle.write(text + "\n")
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -136,8 +163,16 @@ def encode_sft(
 
 def pad(sequences: Sequence[Sequence[int]], value: int, length: int | None = None) -> torch.Tensor:
     """Right-pad integer sequences to ``length`` (default: the longest), shape ``(B, T)``."""
+    if isinstance(sequences, (str, bytes, Mapping)) or not isinstance(sequences, Sequence):
+        raise TypeError(f"sequences must be a list of token-id lists, got {type(sequences).__name__}")
     if not sequences:
-        raise ValueError("sequences is empty")
+        raise ValueError("sequences is empty: pass at least one sequence")
+    for i, seq in enumerate(sequences):
+        if isinstance(seq, torch.Tensor) and seq.dim() == 1 and not (seq.is_floating_point() or seq.is_complex()):
+            continue
+        if (isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence)
+                or not all(isinstance(t, Integral) and not isinstance(t, bool) for t in seq)):
+            raise TypeError(f"sequences[{i}] must be a list of integer token ids, got {seq!r:.80}")
     value = check_int(value, "value")
     longest = max(len(s) for s in sequences)
     length = longest if length is None else check_int(length, "length", minimum=0)
@@ -147,6 +182,19 @@ def pad(sequences: Sequence[Sequence[int]], value: int, length: int | None = Non
     for i, seq in enumerate(sequences):
         out[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
     return out
+
+
+def _check_examples(examples, keys: tuple[str, ...], name: str = "examples") -> None:
+    """A non-empty list of dicts (a collator's input), else an error naming the argument."""
+    wanted = ", ".join(repr(k) for k in keys)
+    if isinstance(examples, (Mapping, str, bytes)) or not isinstance(examples, Sequence):
+        raise TypeError(f"{name} must be a list of dicts with {wanted}, got a {type(examples).__name__}"
+                        + ("; wrap a single example as [example]" if isinstance(examples, Mapping) else ""))
+    if not examples:
+        raise ValueError(f"{name} is empty: a batch needs at least one example (a dict with {wanted})")
+    for i, e in enumerate(examples):
+        if not isinstance(e, Mapping):
+            raise TypeError(f"{name}[{i}] must be a dict with {wanted}, got a {type(e).__name__}")
 
 
 def _pad_id(tokenizer) -> int:
@@ -178,6 +226,7 @@ class SFTCollator:
                           mask_prompt=self.mask_prompt, max_length=self.max_length)
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        _check_examples(examples, ("prompt", "response"))
         encoded = [self.encode(e) for e in examples]
         ids = pad([e["input_ids"] for e in encoded], _pad_id(self.tokenizer))
         return {
@@ -201,6 +250,7 @@ class PreferenceCollator:
         self.max_length = _check_max_length(max_length)
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        _check_examples(examples, ("prompt", "chosen", "rejected"))
         for e in examples:
             missing = {"prompt", "chosen", "rejected"} - set(e)
             if missing:

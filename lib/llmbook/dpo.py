@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_float_tensor, check_int, check_real, check_tensor
+from ._checks import check_float_tensor, check_int, check_int_tensor, check_real, check_tensor
 from .data import IGNORE_INDEX
 
 __all__ = [
@@ -145,6 +145,8 @@ def _check_batch(batch: Mapping) -> None:
         raise ValueError(
             f"mismatched batch sizes: {n_chosen} chosen and {n_rejected} rejected sequences; DPO needs pairs"
         )
+    if n_chosen == 0:
+        raise ValueError("batch holds no pairs (chosen_input_ids has 0 rows): pass at least one preference pair")
 
 
 def concatenated_inputs(batch: Mapping[str, torch.Tensor], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
@@ -171,6 +173,10 @@ def logits_to_keep(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> in
     Position ``t`` predicts token ``t + 1``, so the earliest labelled token ``f`` (over
     the whole batch) needs the logits of position ``f - 1`` and everything after it.
     """
+    check_int_tensor(labels, "labels")
+    ignore_index = check_int(ignore_index, "ignore_index")
+    if labels.dim() != 2 or labels.shape[0] == 0:
+        raise ValueError(f"labels must have shape (B, T) with B >= 1, got {tuple(labels.shape)}")
     has_label = labels != ignore_index
     if not has_label.any():
         raise ValueError("labels has no response token at all")
@@ -244,6 +250,7 @@ def dpo_loss(
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each ``(B,)``; the rewards are
         detached (they are for logging, as in TRL). Average ``losses`` for the step.
+        ``float32`` for half-precision inputs (``float64`` for ``float64``).
     """
     beta = _check_beta(beta)
     named = {
@@ -259,15 +266,23 @@ def dpo_loss(
     shapes = {name: value.shape[0] for name, value in named.items()}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"mismatched batch sizes: {shapes}; every input needs one entry per pair")
+    if not shapes["policy_chosen_logps"]:
+        raise ValueError("policy_chosen_logps and the others are empty (B = 0): a DPO step needs at least one pair")
     for name, value in named.items():
         if not torch.isfinite(value).all():
             raise ValueError(f"{name} has non-finite values ({value.tolist()}); a log-probability must be finite")
+    # Half-precision log-probabilities are computed in float32, as llmbook.losses does: a bf16
+    # difference of two sums of hundreds of log-probs keeps 2 to 3 digits.
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = (
+        v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for v in named.values()
+    )
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # log pi/pi_ref of y_w
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     chosen_rewards = beta * chosen_logratios
     rejected_rewards = beta * rejected_logratios
     # -log sigma(z) via logsigmoid: exact for large |z|, where log(sigmoid(z)) would underflow to -inf.
-    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    # 0 - x rather than -x: a loss that rounds to 0 (margin >= ~100) is +0.0, not -0.0.
+    losses = 0.0 - F.logsigmoid(chosen_rewards - rejected_rewards)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
@@ -278,6 +293,13 @@ def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor)
     ``rewards/margins`` the mean of ``chosen - rejected``, ``rewards/accuracies`` the
     fraction of pairs with ``chosen > rejected`` (strictly: a tie counts as wrong).
     """
+    for name, value in (("chosen_rewards", chosen_rewards), ("rejected_rewards", rejected_rewards)):
+        check_float_tensor(value, name)
+        if value.dim() != 1 or value.shape[0] == 0:
+            raise ValueError(f"{name} must have shape (B,) with B >= 1, one reward per pair, got {tuple(value.shape)}")
+    if chosen_rewards.shape != rejected_rewards.shape:
+        raise ValueError(f"mismatched batch sizes: chosen_rewards {tuple(chosen_rewards.shape)}, "
+                         f"rejected_rewards {tuple(rejected_rewards.shape)}")
     chosen_rewards, rejected_rewards = chosen_rewards.detach().float(), rejected_rewards.detach().float()
     return {
         "rewards/chosen": chosen_rewards.mean().item(),

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_generator, check_int, check_real
-from .data import IGNORE_INDEX, SFTCollator, chat_prompt
+from .data import IGNORE_INDEX, SFTCollator, _check_examples, chat_prompt
 
 __all__ = [
     "CATEGORIES",
@@ -84,6 +84,11 @@ def is_correct(response: str, answer: str, aliases: Sequence[str] = ()) -> bool:
     Both sides are normalised with :func:`normalize_answer`; ``"Kingston Town"`` then
     contains ``"Kingston"`` but ``"Kingstonia"`` does not.
     """
+    for name, value in (("response", response), ("answer", answer)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    if isinstance(aliases, str) or not all(isinstance(a, str) for a in aliases):
+        raise TypeError(f"aliases must be a list of str, got {aliases!r:.80}")
     said = f" {normalize_answer(response)} "
     golds = [normalize_answer(g) for g in (answer, *aliases)]
     if not golds[0]:
@@ -94,6 +99,8 @@ def is_correct(response: str, answer: str, aliases: Sequence[str] = ()) -> bool:
 def knowledge_category(greedy_correct: bool, samples_correct: Sequence[bool]) -> str:
     """The paper's category of one question from the probe's verdicts (see the module docs)."""
     samples_correct = list(samples_correct)
+    if not samples_correct:
+        raise ValueError("samples_correct is empty: the categories need the verdicts of at least one sampled answer")
     if greedy_correct:
         return "HighlyKnown" if all(samples_correct) else "MaybeKnown"
     return "WeaklyKnown" if any(samples_correct) else "Unknown"
@@ -293,6 +300,7 @@ class QACollator:
         self.tokenizer, self.system = tokenizer, system
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        _check_examples(rows, ("question", "response"), name="rows")
         batch = self.sft([{"prompt": r["question"], "response": r["response"]} for r in rows])
         for i, r in enumerate(rows):
             if not r["response"].startswith(r.get("stem", "")):

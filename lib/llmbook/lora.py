@@ -131,13 +131,27 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
 
+def _check_module(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def lora_layers(model: nn.Module) -> list[LoRALinear]:
     """Every :class:`LoRALinear` inside ``model``."""
+    _check_module(model)
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
 def _linear_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    """Every parameter reachable under more than one name (tied weights): id -> its names."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {key: value for key, value in names.items() if len(value) > 1}
 
 
 def apply_lora(
@@ -159,10 +173,17 @@ def apply_lora(
     Returns:
         the same ``model``, with only the LoRA matrices trainable.
 
+    A layer whose weight is tied to another (``lm_head`` and the input embedding of
+    SmolLM2, ``tie_word_embeddings``) is refused: merging would write the update
+    into the shared tensor and change the embedding too. Untie it first (the error
+    says how) to adapt it.
+
     Raises:
-        ValueError: no linear layer matches ``target_modules``, or LoRA is applied twice.
+        ValueError: no linear layer matches ``target_modules``, a target's weight is tied
+            to another module's, or LoRA is applied twice.
         TypeError: a target names a module that is not an ``nn.Linear`` (PEFT refuses it too).
     """
+    _check_module(model)
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; apply LoRA once")
     r, lora_alpha, lora_dropout = _check_settings(r, lora_alpha, lora_dropout)
@@ -190,8 +211,19 @@ def apply_lora(
     if not chosen:
         suffixes = sorted({n.split(".")[-1] for n in names})
         raise ValueError(f"target_modules {list(target_modules)} match no linear layer; the model has {suffixes}")
+    shared = _shared_weights(model)
     for name in chosen:  # every check before the model changes: a refused call leaves it as it was
         layer = model.get_submodule(name)
+        others = shared.get(id(layer.weight), [])
+        others = [n for n in others if n != f"{name}.weight"]
+        if others:
+            raise ValueError(
+                f"target_modules names {name!r}, whose weight is tied to {others[0]!r} (the same tensor): merging "
+                f"LoRA into it would change that one too. Leave {name!r} out, or untie it first:\n"
+                f"    layer = model.get_submodule({name!r})\n"
+                "    layer.weight = torch.nn.Parameter(layer.weight.detach().clone())\n"
+                "    model.config.tie_word_embeddings = False  # for a transformers model"
+            )
         if r > min(layer.in_features, layer.out_features):
             raise ValueError(f"r must be at most min(in_features, out_features) = "
                              f"{min(layer.in_features, layer.out_features)} for {name!r}, got {r}")
@@ -260,6 +292,7 @@ def disable_lora(model: nn.Module):
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` numbers of parameters; tied weights are counted once."""
+    _check_module(model)
     trainable = total = 0
     for p in model.parameters():  # parameters() yields a shared tensor once
         total += p.numel()

@@ -77,6 +77,11 @@ def log_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     check_float_tensor(logits, "logits")
     if logits.dim() == 0:
         raise ValueError("logits must have at least one dimension (the vocabulary), got a 0-d tensor")
+    dim = check_int(dim, "dim", minimum=-logits.dim(), maximum=logits.dim() - 1,
+                    hint=f"(a dimension of logits of shape {tuple(logits.shape)})")
+    if logits.shape[dim] == 0:
+        raise ValueError(f"logits must have a non-empty dimension dim={dim} (the vocabulary), "
+                         f"got shape {tuple(logits.shape)}")
     x = logits.to(_compute_dtype(logits.dtype))
     # m only shifts; its gradient cancels exactly, so it is treated as a constant.
     m = x.detach().amax(dim=dim, keepdim=True)
@@ -104,6 +109,8 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     check_int_tensor(index, "index")
     if logits.dim() == 0:
         raise ValueError("logits must have at least one dimension (the vocabulary), got a 0-d tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
     lead = logits.shape[:-1]
     squeeze = index.shape == lead
     if not squeeze and not (index.dim() == logits.dim() and index.shape[:-1] == lead):
@@ -114,7 +121,7 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     vocab = logits.shape[-1]
     _check_token_range(index, vocab, "index")
     x = logits.reshape(-1, vocab)                                   # (N, V)
-    idx = index.reshape(x.shape[0], -1)                             # (N, K)
+    idx = index.reshape(x.shape[0], 1 if squeeze else index.shape[-1])  # (N, K)
     rows = max(1, _BLOCK_ELEMENTS // max(vocab, 1))
     out = []
     for start in range(0, x.shape[0], rows):

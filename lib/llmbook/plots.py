@@ -8,11 +8,12 @@ grid. Colours follow :data:`COLORS` so that, across chapters, the same role (say
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
 
-from llmbook._checks import check_int
+from llmbook._checks import check_int, check_real
 
 __all__ = ["COLORS", "use_style", "subplots", "plot_history", "smooth"]
 
@@ -55,6 +56,9 @@ def use_style() -> None:
 
 def subplots(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.2, **kwargs):
     """``plt.subplots`` with a panel size in inches instead of a figure size."""
+    ncols, nrows = check_int(ncols, "ncols", minimum=1), check_int(nrows, "nrows", minimum=1)
+    width = check_real(width, "width", low=0.0, low_open=True, hint="(inches)")
+    height = check_real(height, "height", low=0.0, low_open=True, hint="(inches)")
     return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, **kwargs)
 
 
@@ -74,6 +78,10 @@ def plot_history(history, key: str = "loss", *, ax=None, label: str | None = Non
     """Plot one metric of a training :class:`~llmbook.train.History` against the step."""
     if ax is None:
         ax = subplots()[1][0, 0]
+    if not isinstance(history, Mapping) or "step" not in history:
+        raise TypeError(f"history must be the History that llmbook.train.train returns, got {type(history).__name__}")
+    if key not in history:
+        raise KeyError(f"key {key!r} is not a metric of this history; it has {sorted(history)}")
     values = [v for v in history[key]]
     if any(math.isnan(v) for v in values):
         raise ValueError(f"history[{key!r}] has missing values; log it at every step to plot it")

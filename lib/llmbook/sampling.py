@@ -27,6 +27,7 @@ Chapter 6 explains all of this on SmolLM2-135M-Instruct.
 from __future__ import annotations
 
 import math
+import warnings
 from numbers import Integral
 
 import numpy as np
@@ -95,7 +96,23 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """
     _check_logits(logits)
     temperature = _check_temperature(temperature, allow_zero=False)
-    return logits / temperature
+    return _divide(logits, temperature)
+
+
+def _divide(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature``, refused where a finite logit overflows to infinity.
+
+    A temperature so small that $x / T$ leaves the dtype's range (``1e-320`` in float32,
+    say) gives infinite logits and NaN probabilities; the limit T -> 0 is greedy decoding.
+    """
+    scaled = logits / temperature
+    if bool((~torch.isfinite(scaled) & torch.isfinite(logits)).any()):
+        raise ValueError(
+            f"temperature must be large enough that logits / temperature stays finite in {logits.dtype}, "
+            f"got {temperature!r} (logits up to {float(logits[torch.isfinite(logits)].abs().max()):g}); "
+            "for the limit temperature -> 0 use temperature=0 (greedy)"
+        )
+    return scaled
 
 
 def top_k_filter(logits: torch.Tensor, top_k: int, min_tokens_to_keep: int = 1) -> torch.Tensor:
@@ -209,7 +226,7 @@ def min_p_filter(logits: torch.Tensor, min_p: float, min_tokens_to_keep: int = 1
 def _warp(logits: torch.Tensor, temperature: float, top_k, top_p: float, min_p) -> torch.Tensor:
     """Temperature, then top-k, top-p, min-p, each only when it changes something (as transformers does)."""
     if temperature != 1.0:
-        logits = logits / temperature
+        logits = _divide(logits, temperature)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p < 1.0:
@@ -270,15 +287,36 @@ def _sample(logits, temperature, top_k, top_p, min_p, generator) -> torch.Tensor
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
-def _token_ids(value, name: str) -> list[int]:
-    """One token id or several, as a list of ints >= 0 (``None`` is the empty list)."""
+def _token_ids(value, name: str, maximum: int | None = None, hint: str = "") -> list[int]:
+    """One token id or several, as a list of ints in ``[0, maximum]`` (``None`` is the empty list)."""
     if value is None:
         return []
     if isinstance(value, Integral) or (isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0):
         value = [value]
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, torch.Tensor, np.ndarray)):
         raise TypeError(f"{name} must be an int, a list of ints or None, got {value!r}")
-    return [check_int(v, name, minimum=0) for v in value]
+    return [check_int(v, name, minimum=0, maximum=maximum, hint=hint) for v in value]
+
+
+def _check_attention_mask(mask, shape: torch.Size) -> None:
+    """A left-padded 0/1 mask of ``input_ids``' shape, with a token in every row."""
+    check_tensor(mask, "attention_mask")
+    if mask.shape != shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"attention_mask must be an integer or bool tensor of 0s and 1s, got {mask.dtype}")
+    mask = mask.long()
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (token), got values {mask.unique().tolist()}")
+    empty = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask rows {empty} are all 0: every prompt needs at least one token")
+    right = (mask[:, 1:] < mask[:, :-1]).any(dim=1).nonzero().flatten().tolist()  # a 0 after a 1
+    if right:
+        raise ValueError(
+            f"attention_mask rows {right} have padding after their tokens: generate continues every row on "
+            "the right, so pad prompts on the left (tokenizer.padding_side = 'left')"
+        )
 
 
 @torch.no_grad()
@@ -323,8 +361,9 @@ def generate(
     if input_ids.ndim != 2 or input_ids.dtype != torch.long:
         raise ValueError(f"input_ids must be a (B, P) torch.long tensor, got shape {tuple(input_ids.shape)}, "
                          f"{input_ids.dtype}")
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids must hold at least one prompt token")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must hold at least one prompt of at least one token, got shape "
+                         f"{tuple(input_ids.shape)}")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
         raise ValueError(f"input_ids must hold token ids in [0, {vocab}) (the model's vocabulary), "
@@ -336,25 +375,33 @@ def generate(
     min_p = None if min_p is None else _check_min_p(min_p)
     check_generator(generator)
     if attention_mask is not None:
-        check_tensor(attention_mask, "attention_mask")
+        _check_attention_mask(attention_mask, input_ids.shape)
     config = getattr(model, "generation_config", None)
-    eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None), "eos_token_id")
+    top_id = None if vocab is None else vocab - 1
+    in_vocab = "" if vocab is None else f"(a token of the model's vocabulary of {vocab})"
+    eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None),
+                     "eos_token_id", maximum=top_id, hint=in_vocab)
     if pad_token_id is None:
         pad_token_id = getattr(config, "pad_token_id", None)
         pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
-    if pad_token_id is not None:
-        pad_token_id = check_int(pad_token_id, "pad_token_id", minimum=0)
+    if pad_token_id is not None:  # it fills ended rows and is fed to the model like any token
+        pad_token_id = check_int(pad_token_id, "pad_token_id", minimum=0, maximum=top_id, hint=in_vocab)
     if eos and pad_token_id is None:
         raise ValueError("pad_token_id is needed to fill rows that ended; pass one")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and input_ids.shape[1] + max_new_tokens > context:
+        warnings.warn(
+            f"input_ids ({input_ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) exceed the model's "
+            f"context of {context} positions (config.max_position_embeddings): the tokens past it come from "
+            "positions the model never saw in training. Shorten the prompt or lower max_new_tokens.",
+            stacklevel=3,
+        )
 
     device = model.device
     input_ids = input_ids.to(device)
     B, P = input_ids.shape
     position_ids = None
     if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
         attention_mask = attention_mask.to(device=device, dtype=torch.long)
         if bool(attention_mask.all()):
             attention_mask = None  # no padding: the causal mask alone is exact (and faster)

@@ -64,9 +64,15 @@ def score(answer: str, example: dict) -> bool:
     Values are compared after stripping spaces and ignoring case ("Fox" counts as "fox");
     anything else (extra keys, extra text, a code fence, a wrong word) is wrong.
     """
-    if "response" not in example:
-        raise ValueError("example must have a 'response' (the reference answer)")
-    got, want = parse_answer(answer), json.loads(example["response"])
+    if not isinstance(example, dict) or "response" not in example:
+        raise ValueError("example must be a dict with a 'response' (the reference answer)")
+    reference = example["response"]
+    if not isinstance(reference, str):
+        raise TypeError(f"example['response'] must be a str holding a JSON object, got {type(reference).__name__}")
+    want = parse_answer(reference)
+    if want is None:
+        raise ValueError(f"example['response'] must be one JSON object (the reference answer), got {reference!r:.80}")
+    got = parse_answer(answer)
     if got is None or set(got) != set(want):
         return False
     return all(isinstance(got[k], str) and got[k].strip().lower() == str(want[k]).lower() for k in want)
@@ -120,8 +126,13 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
 def accuracy(model, tokenizer, examples: Sequence[dict], *, max_new_tokens: int = 32,
              batch_size: int = 16) -> float:
     """Fraction of ``examples`` whose greedy answer passes :func:`score`."""
+    if isinstance(examples, (str, dict)) or not isinstance(examples, Sequence):
+        raise TypeError(f"examples must be a list of dicts with 'prompt' and 'response', got {type(examples).__name__}")
     if not examples:
         raise ValueError("examples is empty")
+    bad = [i for i, e in enumerate(examples) if not isinstance(e, dict) or not {"prompt", "response"} <= set(e)]
+    if bad:
+        raise ValueError(f"examples[{bad[0]}] must be a dict with 'prompt' and 'response' ({len(bad)} such in all)")
     answers = generate_answers(model, tokenizer, [e["prompt"] for e in examples],
                                max_new_tokens=max_new_tokens, batch_size=batch_size)
     return sum(score(a, e) for a, e in zip(answers, examples)) / len(examples)

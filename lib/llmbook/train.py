@@ -40,11 +40,22 @@ class History(dict):
             if len(column) < n + 1:
                 column.append(math.nan)
 
+    def _column(self, key: str) -> list[float]:
+        if not self.get("step"):
+            raise ValueError(f"the history is empty (no step logged yet), so it has no {key!r} to read")
+        if key not in self:
+            raise KeyError(f"key {key!r} is not a metric of this history; it has {sorted(self)}")
+        return self[key]
+
     def last(self, key: str = "loss") -> float:
-        return self[key][-1]
+        """The value of ``key`` at the last step."""
+        return self._column(key)[-1]
 
     def mean(self, key: str = "loss", last: int | None = None) -> float:
-        values = self[key][-last:] if last else self[key]
+        """The mean of ``key`` over every step, or over the ``last`` steps (an integer >= 1)."""
+        values = self._column(key)
+        if last is not None:
+            values = values[-check_int(last, "last", minimum=1):]
         return sum(values) / len(values)
 
 
@@ -60,6 +71,9 @@ def move_to(batch, device: torch.device):
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of ``model`` that have ``requires_grad``."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return [p for p in model.parameters() if p.requires_grad]
 
 

@@ -135,6 +135,8 @@ def time_call(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1, dev
 
     On CUDA the device is synchronised around each run so the time covers the kernels.
     """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable with no arguments, got {type(fn).__name__}")
     repeat = check_int(repeat, "repeat", minimum=1)
     warmup = check_int(warmup, "warmup", minimum=0)
     device = torch.device(device) if device is not None else None
@@ -186,6 +188,8 @@ def peak_memory_since(device, start: int) -> int:
 
 def peak_bytes(fn: Callable[[], object], device) -> int:
     """Bytes by which memory grows at its peak while ``fn()`` runs (see :func:`peak_memory_start`)."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable with no arguments, got {type(fn).__name__}")
     start = peak_memory_start(device)
     fn()
     return peak_memory_since(device, start)

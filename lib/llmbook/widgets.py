@@ -25,6 +25,8 @@ def slider_panel(draw: Callable, *, width: float = 6.4, height: float = 3.6, **c
     """
     import ipywidgets as widgets
 
+    if not callable(draw):
+        raise TypeError(f"draw must be callable as draw(ax, **values), got {type(draw).__name__}")
     if not controls:
         raise ValueError("give at least one control, e.g. r=ipywidgets.IntSlider(...)")
     output = widgets.Output()
