@@ -12,6 +12,11 @@ kernel paths to shake the tolerances, for example:
     OMP_NUM_THREADS=1 python scripts/notebook_margins.py ...
 
 Nothing is written back to the notebooks. A failing cell is reported and the script exits 1.
+
+    python scripts/notebook_margins.py --table a.json b.json ...
+
+prints a Markdown table of the worst margin and the run time of each chapter, one column
+per report written with --out (docs/portability.md shows one).
 """
 
 from __future__ import annotations
@@ -84,11 +89,45 @@ def run(path: Path, log: Path) -> dict:
     return {"notebook": str(path.relative_to(ROOT)), "seconds": round(seconds, 1), "error": error, "cells": cells}
 
 
+def label(report: dict) -> str:
+    """``AVX2 (emulated), 1 thread`` for a report's kernel path."""
+    env = report["env"]
+    text = report["capability"] + (" (emulated)" if env.get("ATEN_CPU_CAPABILITY") else "")
+    threads = env.get("OMP_NUM_THREADS")
+    return text + (f", {threads} thread{'s' if threads != '1' else ''}" if threads else "")
+
+
+def table(paths: list[str]) -> str:
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    chapters = list(dict.fromkeys(r["notebook"] for rep in reports for r in rep["reports"]))
+    lines = ["| chapter | " + " | ".join(label(rep) for rep in reports) + " |",
+             "|---|" + "---|" * len(reports)]
+    for chapter in chapters:
+        cells = []
+        for rep in reports:
+            run = next((r for r in rep["reports"] if r["notebook"] == chapter), None)
+            if run is None:
+                cells.append("not run")
+                continue
+            worst = max((c["margin"] for cell in run["cells"] for c in cell["comparisons"]), default=0.0)
+            count = sum(len(cell["comparisons"]) for cell in run["cells"])
+            state = "**failed**" if run["error"] else f"{worst:.2f} of {count}"
+            cells.append(f"{state}, {run['seconds']:.0f} s")
+        lines.append(f"| {Path(chapter).stem} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("notebooks", nargs="+")
+    parser.add_argument("notebooks", nargs="*")
     parser.add_argument("--out", help="write the full report as JSON here")
+    parser.add_argument("--table", nargs="+", metavar="REPORT", help="print a table of reports written with --out")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
+    if not args.notebooks:
+        parser.error("name the chapters to run (or --table REPORT ...)")
     import os
     import tempfile
 
