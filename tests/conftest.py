@@ -13,3 +13,15 @@ def device():
     from llmbook.models import pick_device
 
     return pick_device()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The default model's tokenizer (from the offline cache), with a pad token; one per test module."""
+    from transformers import AutoTokenizer
+
+    from llmbook.models import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok

@@ -22,15 +22,6 @@ TINY_V = 256  # vocabulary of models.tiny_model
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(models.default_model_path())
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
-
-
-@pytest.fixture(scope="module")
 def tiny():
     return models.tiny_model(seed=0)
 

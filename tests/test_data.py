@@ -4,16 +4,6 @@ import pytest
 import torch
 
 from llmbook import data
-from llmbook.models import default_model_path
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_model_path())
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
 
 
 def test_sft_labels_are_exactly_the_response_and_end_of_turn(tokenizer):

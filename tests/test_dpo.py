@@ -20,15 +20,6 @@ PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(models.default_model_path())
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
-
-
-@pytest.fixture(scope="module")
 def batch(tokenizer):
     return data.PreferenceCollator(tokenizer)(PAIRS)
 

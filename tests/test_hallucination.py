@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llmbook import data, hallucination as H
-from llmbook.models import default_model_path, tiny_model
+from llmbook.models import tiny_model
 
 ROOT = Path(__file__).parents[1]
 
@@ -28,15 +28,6 @@ def _load_builder():
 @pytest.fixture(scope="module")
 def builder():
     return _load_builder()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_model_path())
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,6 @@ TOL = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(models.default_model_path())
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
-
-
 def masked_labels(B=3, T=12, V=50, prompt=4, pad=(0, 2, 5), seed=0):
     """Labels with the first ``prompt`` positions and row-wise trailing padding set to -100."""
     g = torch.Generator().manual_seed(seed)

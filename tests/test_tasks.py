@@ -4,17 +4,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from llmbook import models, tasks
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = AutoTokenizer.from_pretrained(models.default_model_path())
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def test_splits_are_disjoint_in_words_and_sentences():
