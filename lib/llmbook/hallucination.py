@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from ._checks import check_generator, check_int, check_real
 from .data import IGNORE_INDEX, SFTCollator, _check_examples, chat_prompt
+from .sampling import apply_temperature
 
 __all__ = [
     "CATEGORIES",
@@ -202,7 +203,7 @@ def generate_answers(
                 logp = torch.log_softmax(logits, dim=-1)
                 nxt = logp.argmax(-1)
                 if copies > 1:
-                    probs = torch.softmax(logits / temperature, dim=-1)
+                    probs = torch.softmax(apply_temperature(logits, temperature), dim=-1)  # refuses overflow
                     drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
                     nxt = torch.where(is_greedy, nxt, drawn)
                 step_logp = logp.gather(-1, nxt[:, None]).squeeze(-1)
