@@ -12,11 +12,10 @@ really changes the kernels: on a CPU with native bf16 the ratio goes from below 
 
 from __future__ import annotations
 
-import os
-
 import torch
+from machine_info import kernel_path
 
-from llmbook.utils import cpu_capability, cpu_has_native_bf16, time_call
+from llmbook.utils import time_call
 
 SHAPE = (512, 576, 1536)
 
@@ -30,11 +29,10 @@ def gemm_seconds(dtype: torch.dtype, repeat: int) -> float:
 
 
 def main() -> None:
-    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
-                                      "OMP_NUM_THREADS") if os.environ.get(k)}
-    print(f"environment: {env or 'none of the kernel variables set'}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, vector level {cpu_capability()}, "
-          f"oneDNN bf16 {bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}, native bf16: {cpu_has_native_bf16()}")
+    kernels = kernel_path()
+    print(f"environment: {kernels['env'] or 'none of the kernel variables set'}")
+    print(f"torch {torch.__version__}, {kernels['threads']} threads, vector level {kernels['capability']}, "
+          f"oneDNN bf16 {bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}, native bf16: {kernels['native_bf16']}")
     fp32 = gemm_seconds(torch.float32, repeat=21)
     bf16 = gemm_seconds(torch.bfloat16, repeat=5)
     m, k, n = SHAPE

@@ -66,16 +66,19 @@ def describe() -> dict:
     }
 
 
+# The environment variables that lower the kernels torch uses (see docs/portability.md).
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS")
+
+
 def kernel_path() -> dict:
     """Which CPU kernels torch uses in this process: its vector level, native bf16, threads and
     the environment variables that lower them (``ATEN_CPU_CAPABILITY`` and friends)."""
     import torch
 
-    from llmbook.utils import cpu_has_native_bf16
+    from llmbook.utils import cpu_capability, cpu_has_native_bf16
 
-    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
-                                      "OMP_NUM_THREADS") if os.environ.get(k)}
-    return {"capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(),
+    env = {k: os.environ[k] for k in KERNEL_VARIABLES if os.environ.get(k)}
+    return {"capability": cpu_capability(), "native_bf16": cpu_has_native_bf16(),
             "threads": torch.get_num_threads(), "env": env}
 
 

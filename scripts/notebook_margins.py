@@ -128,14 +128,13 @@ def main(argv=None) -> int:
         return 0
     if not args.notebooks:
         parser.error("name the chapters to run (or --table REPORT ...)")
-    import os
     import tempfile
 
-    import torch
+    from machine_info import kernel_path
 
-    env = {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
-                                          "OMP_NUM_THREADS") if os.environ.get(k)}
-    print(f"kernel path: {torch.backends.cpu.get_cpu_capability()} {env or ''}", flush=True)
+    kernels = kernel_path()
+    env = kernels["env"]
+    print(f"kernel path: {kernels['capability']} {env or ''}", flush=True)
     reports, failed = [], False
     for name in args.notebooks:
         with tempfile.TemporaryDirectory() as tmp:
@@ -154,7 +153,7 @@ def main(argv=None) -> int:
             print(f"  worst margin {worst['margin']:.3f}")
         failed |= report["error"] is not None
     if args.out:
-        Path(args.out).write_text(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "env": env,
+        Path(args.out).write_text(json.dumps({"capability": kernels["capability"], "env": env,
                                               "reports": reports}, indent=1) + "\n")
     return 1 if failed else 0
 

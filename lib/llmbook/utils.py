@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from llmbook._checks import check_int
+from llmbook._checks import check_int, check_real
 
 __all__ = [
     "TOLERANCES",
@@ -105,10 +105,9 @@ def tolerance(dtype: torch.dtype, kind: str = "model", scale: float = 1.0) -> di
         raise ValueError(f"kind must be one of {sorted(TOLERANCES)}, got {kind!r}")
     if not isinstance(dtype, torch.dtype) or dtype not in TOLERANCES[kind]:
         raise ValueError(f"dtype must be one of {sorted(str(d) for d in TOLERANCES[kind])}, got {dtype!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    scale = check_real(scale, "scale", low=0.0, low_open=True)
     chosen = TOLERANCES[kind][dtype]
-    return dict(rtol=chosen["rtol"], atol=chosen["atol"] * float(scale))
+    return dict(rtol=chosen["rtol"], atol=chosen["atol"] * scale)
 
 
 def seed_everything(seed: int) -> torch.Generator:
