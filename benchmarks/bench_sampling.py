@@ -2,18 +2,18 @@
 
 The real model (SmolLM2-135M-Instruct), one chat prompt, 64 new tokens (the story is
 longer, so neither stops early), the same settings for both: nucleus sampling
-(T = 0.8, top-p = 0.9, no top-k) and greedy. Both produce the same tokens (checked first, which also warms up both). Then
-REPEAT rounds time one run of each, alternating which goes first, and the fastest run of
-each is reported (on a shared machine the least disturbed run is the closest to the true
-cost), with the ratio ours / transformers.
+(T = 0.8, top-p = 0.9, no top-k) and greedy. Both produce the same tokens (checked
+first, which also warms up both). Then REPEAT rounds time one run of each, alternating
+which goes first (``llmbook.utils.time_interleaved``), and the fastest run of each is
+reported (``statistic="min"``: on a shared machine the least disturbed run is the
+closest to the true cost), with the ratio ours / transformers.
 """
-
-import time
 
 import torch
 
 from llmbook import data, models
 from llmbook.sampling import generate
+from llmbook.utils import time_interleaved
 
 NEW_TOKENS, REPEAT = 64, 4
 SETTINGS = {
@@ -45,18 +45,10 @@ def main():
         b = theirs()
         assert torch.equal(a, b), "both must produce the same tokens"
         assert a.shape[1] == ids.shape[1] + NEW_TOKENS, "the story must not end before 64 tokens"
-        times = {"ours": [], "transformers": []}
-        for round_ in range(REPEAT):
-            pair = (("ours", ours), ("transformers", theirs))
-            for label, fn in pair if round_ % 2 == 0 else pair[::-1]:  # alternate who goes first
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[label].append((time.perf_counter() - start) / NEW_TOKENS)
-        mine, ref = min(times["ours"]), min(times["transformers"])
+        # warmed up by the check above; seconds per new token
+        seconds = time_interleaved({"ours": ours, "transformers": theirs}, repeat=REPEAT, warmup=0,
+                                   device=model.device, statistic="min")
+        mine, ref = seconds["ours"] / NEW_TOKENS, seconds["transformers"] / NEW_TOKENS
         print(f"generate {NEW_TOKENS} tokens, {name} ({model.device.type}): ours {mine * 1000:.1f} ms/token, "
               f"transformers {ref * 1000:.1f} ms/token, ratio {mine / ref:.2f}")
 

@@ -20,13 +20,9 @@ the same on every run (the generator is seeded).
 
 from __future__ import annotations
 
-import argparse
 import random
-import sys
-from pathlib import Path
 
-from llmbook.data import write_jsonl
-
+OUTPUT = "closed_book_qa.jsonl"
 SEED = 2405  # arXiv 2405.05904, the paper chapter 5 follows
 N_INVENTED = {"country_capital": 60, "city_country": 20}
 
@@ -226,16 +222,5 @@ def build(seed: int = SEED) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("closed_book_qa.jsonl"))
-    parser.add_argument("--seed", type=int, default=SEED)
-    args = parser.parse_args(argv)
-    rows = build(args.seed)
-    write_jsonl(args.out, rows)
-    print(f"wrote {len(rows)} questions to {args.out}", file=sys.stderr)
-    return args.out
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # data/build.py writes the file
+    __import__("build").main([__file__])

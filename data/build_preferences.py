@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import random
 import re
-from pathlib import Path
 
+OUTPUT = "preferences.jsonl"
 SEED = 7
 CONTINUATION_TOKENS = 24  # how much of the model's own continuation a rejected answer keeps
 TEST_PER_TOPIC = 3  # the last items of each topic (after shuffling) are held out
@@ -126,21 +126,14 @@ def questions(seed: int = SEED) -> list[dict]:
 
 def continue_answers(model, tokenizer, rows: list[dict], max_new_tokens: int = CONTINUATION_TOKENS) -> list[str]:
     """The model's greedy continuation of each chosen sentence, with the end of turn (every special token) forbidden."""
-    import torch
+    from llmbook.sampling import generate_answers
 
-    from llmbook.data import chat_prompt
-
-    texts = [chat_prompt(tokenizer, r["prompt"]) + r["chosen"] for r in rows]
-    tokenizer.padding_side = "left"  # every answer ends at the last column, where generation continues
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    tokenizer.padding_side = "right"
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id,
-                             suppress_tokens=tokenizer.all_special_ids)  # no end of turn, no markup
+    answers = generate_answers(model, tokenizer, [r["prompt"] for r in rows], stems=[r["chosen"] for r in rows],
+                               max_new_tokens=max_new_tokens, suppress_tokens=tokenizer.all_special_ids,
+                               strip=False, batch_size=len(rows))  # no end of turn, no markup
     continuations = []
-    for ids in out[:, enc.input_ids.shape[1]:].tolist():
-        text = tokenizer.decode(ids, skip_special_tokens=True).rstrip()
+    for text in answers.greedy:
+        text = text.rstrip()
         ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
         continuations.append(text[: ends[-1]] if ends else text)  # keep whole sentences where possible
     return continuations
@@ -160,14 +153,5 @@ def build(model=None, tokenizer=None, seed: int = SEED) -> list[dict]:
     return [{k: r[k] for k in ("prompt", "chosen", "rejected", "answer", "topic", "split")} for r in rows]
 
 
-def main() -> None:
-    from llmbook.data import write_jsonl
-
-    rows = build()
-    path = write_jsonl(Path(__file__).resolve().parent / "preferences.jsonl", rows)
-    counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "test")}
-    print(f"wrote {path} ({counts['train']} train and {counts['test']} test pairs)")
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # data/build.py writes the file
+    __import__("build").main([__file__])

@@ -17,10 +17,8 @@ Run from the repository root: ``python data/build_sampling_task.py``.
 """
 
 import random
-from pathlib import Path
 
-from llmbook.data import write_jsonl
-
+OUTPUT = "sampling_task.jsonl"
 SEED = 0
 PER_OPERATION = 24
 OPERATIONS = {  # symbol: (function, smallest operand, worked examples shown before each question)
@@ -45,6 +43,5 @@ def build(per_operation: int = PER_OPERATION, seed: int = SEED) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":
-    path = write_jsonl(Path(__file__).parent / "sampling_task.jsonl", build())
-    print(f"wrote {path}")
+if __name__ == "__main__":  # data/build.py writes the file
+    __import__("build").main([__file__])

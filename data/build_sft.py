@@ -17,10 +17,8 @@ file every time).
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
-from llmbook.data import write_jsonl
-
+OUTPUT = "sft.jsonl"
 SEED = 2
 PER_TASK = 40      # examples of each task
 TEST_PER_TASK = 4  # of which held out
@@ -101,6 +99,5 @@ def build(seed: int = SEED) -> list[dict]:
     return [{"id": i, **row} for i, row in enumerate(examples)]
 
 
-if __name__ == "__main__":
-    path = write_jsonl(Path(__file__).resolve().parent / "sft.jsonl", build())
-    print(f"wrote {path}")
+if __name__ == "__main__":  # data/build.py writes the file
+    __import__("build").main([__file__])

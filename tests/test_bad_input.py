@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmbook import data, dpo, hallucination as H, lora, losses, models, plots, prefix, sampling, tasks, train, utils, widgets
+from llmbook import data, dpo, extraction, hallucination as H, lora, losses, models, plots, prefix, sampling, train, utils, widgets
 
 V = 16  # vocabulary of the small logits
 TINY_V = 256  # vocabulary of models.tiny_model
@@ -24,11 +24,6 @@ TINY_V = 256  # vocabulary of models.tiny_model
 @pytest.fixture(scope="module")
 def tiny():
     return models.tiny_model(seed=0)
-
-
-@pytest.fixture(scope="module")
-def chat_model(tokenizer):
-    return models.tiny_model(seed=0, vocab_size=len(tokenizer))
 
 
 class Ctx:
@@ -188,8 +183,11 @@ BAD = [
      ValueError, r"labels rows \[1\] have no response token"),
     ("batch-list-values", lambda c: dpo.concatenated_inputs(c.pref_batch(chosen_input_ids=[[1, 2, 3]])), TypeError,
      "chosen_input_ids must be a torch.Tensor"),
-    ("batch-pad_token_id-float", lambda c: dpo.concatenated_inputs(c.pref_batch(), pad_token_id=1.5), TypeError,
-     "pad_token_id must be an integer"),
+    ("batch-sides-unequal-length", lambda c: dpo.concatenated_inputs(c.pref_batch(**{
+        f"rejected_{n}": c.pref_batch()[f"rejected_{n}"][:, :-1] for n in ("input_ids", "attention_mask", "labels")})),
+     ValueError, "chosen and rejected must be padded to one length"),
+    ("compute_loss-record-tuple", lambda c: dpo.compute_loss(c.tiny, c.pref_batch(), record=()), TypeError,
+     "record must be a list"),
     ("batch-mismatched", lambda c: dpo.concatenated_inputs(c.pref_batch(**{
         f"rejected_{n}": c.pref_batch()[f"rejected_{n}"][:1] for n in ("input_ids", "attention_mask", "labels")})),
      ValueError, "mismatched batch sizes"),
@@ -206,12 +204,18 @@ BAD = [
     ("reward_metrics-list", lambda c: dpo.reward_metrics([1.0], [0.0]), TypeError, "chosen_rewards must be a torch.Tensor"),
     ("reward_metrics-empty", lambda c: dpo.reward_metrics(torch.zeros(0), torch.zeros(0)), ValueError,
      r"chosen_rewards must have shape \(B,\) with B >= 1"),
-    ("logits_to_keep-list", lambda c: dpo.logits_to_keep([[1, 2]]), TypeError, "labels must be a torch.Tensor"),
-    ("logits_to_keep-float", lambda c: dpo.logits_to_keep(torch.zeros(2, 3)), TypeError, "labels must be an integer tensor"),
-    ("logits_to_keep-1d", lambda c: dpo.logits_to_keep(torch.tensor([1, 2, 3])), ValueError,
+    ("logits_to_keep-list", lambda c: losses.logits_to_keep([[1, 2]]), TypeError, "labels must be a torch.Tensor"),
+    ("logits_to_keep-float", lambda c: losses.logits_to_keep(torch.zeros(2, 3)), TypeError,
+     "labels must be an integer tensor"),
+    ("logits_to_keep-1d", lambda c: losses.logits_to_keep(torch.tensor([1, 2, 3])), ValueError,
      r"labels must have shape \(B, T\)"),
-    ("dpo-per_token_logps-float-labels", lambda c: dpo.per_token_logps(c.logits, c.labels.float()), TypeError,
-     "labels must be integer token ids"),
+    ("logits_to_keep-no-answer", lambda c: losses.logits_to_keep(torch.full((2, 3), -100)), ValueError,
+     "labels has no response token at all"),
+    ("answer_logps-no-labels", lambda c: losses.answer_logps(c.tiny, {"input_ids": c.labels}), TypeError,
+     "batch must be a dict with 'labels'"),
+    ("answer_logps-float-labels", lambda c: losses.answer_logps(c.tiny, {"input_ids": c.labels.clamp(min=0),
+                                                                        "labels": c.labels.float()}), TypeError,
+     "labels must be an integer tensor"),
     ("reference_logps-no-lora", lambda c: dpo.reference_logps(c.tiny, c.pref_batch()), ValueError,
      "model has no LoRA layers, so it cannot serve as its own reference: pass ref_model"),
     ("with_reference_logps-no-lora", lambda c: dpo.with_reference_logps(c.tiny, [c.pref_batch()]), ValueError,
@@ -265,7 +269,6 @@ BAD = [
     ("warmup_steps-negative", lambda c: c.train(warmup_steps=-1), ValueError, "warmup_steps must be >= 0"),
     ("max_grad_norm-zero", lambda c: c.train(max_grad_norm=0), ValueError, "max_grad_norm must be .*> 0"),
     ("max_grad_norm-negative", lambda c: c.train(max_grad_norm=-1.0), ValueError, "max_grad_norm must be .*> 0"),
-    ("weight_decay-negative", lambda c: c.train(weight_decay=-0.1), ValueError, "weight_decay must be .*>= 0"),
     ("loss_fn-none", lambda c: c.train(loss_fn=None), TypeError, "loss_fn must be callable"),
     ("History-mean-empty", lambda c: train.History().mean(), ValueError, "the history is empty .*'loss'"),
     ("History-last-empty", lambda c: train.History().last(), ValueError, "the history is empty"),
@@ -284,8 +287,8 @@ BAD = [
     ("chat-max_new_tokens-zero", lambda c: models.chat(c.chat_model, c.tok, "Hi", max_new_tokens=0), ValueError,
      "max_new_tokens must be >= 1"),
     ("load_model-name-int", lambda c: models.load_model(123), TypeError, "name must be a model id or a path"),
-    ("default_model_path-rebuild-str", lambda c: models.default_model_path(rebuild="no"), TypeError,
-     r"rebuild must be True or False, got str \('no'\)"),
+    ("default_model_path-verify-str", lambda c: models.default_model_path(verify="no"), TypeError,
+     r"verify must be True, False or None, got str"),
     ("default_model_path-verify-str", lambda c: models.default_model_path(verify="yes"), TypeError,
      "verify must be True, False or None"),
     ("resolve_dtype-int8", lambda c: models.resolve_dtype("int8", "cpu"), ValueError, "dtype must be a torch floating dtype"),
@@ -322,39 +325,64 @@ BAD = [
      ValueError, r"bad.jsonl:2: not valid UTF-8 \(byte 0xff at column 8\)"),
     ("read_jsonl-not-an-object", lambda c: data.read_jsonl(c.file("list.jsonl", b'{"a": 1}\n[1, 2]\n')), ValueError,
      r"list.jsonl:2: a row must be a JSON object"),
-    # --- tasks
-    ("tasks-max_new_tokens-np-zero", lambda c: tasks.generate_answers(c.chat_model, c.tok, ["hi"],
-                                                                      max_new_tokens=np.int64(0)),
+    # --- answering prompts
+    ("answers-max_new_tokens-np-zero", lambda c: sampling.generate_answers(c.chat_model, c.tok, ["hi"],
+                                                                           max_new_tokens=np.int64(0)),
      ValueError, "max_new_tokens must be >= 1"),
-    ("tasks-batch_size-float", lambda c: tasks.generate_answers(c.chat_model, c.tok, ["hi"], batch_size=1.5), TypeError,
-     "batch_size must be an integer"),
-    ("score-reference-not-json", lambda c: tasks.score('{"animal": "fox"}', {"response": "fox, red, park"}), ValueError,
-     r"example\['response'\] must be one JSON object \(the reference answer\), got 'fox, red, park'"),
-    ("score-reference-list", lambda c: tasks.score('{"animal": "fox"}', {"response": "[1, 2]"}), ValueError,
-     r"example\['response'\] must be one JSON object"),
-    ("score-reference-dict", lambda c: tasks.score('{"animal": "fox"}', {"response": {"animal": "fox"}}), TypeError,
-     r"example\['response'\] must be a str holding a JSON object, got dict"),
-    ("score-example-str", lambda c: tasks.score('{"animal": "fox"}', "fox"), ValueError,
-     "example must be a dict with a 'response'"),
-    ("tasks-accuracy-str", lambda c: tasks.accuracy(c.chat_model, c.tok, "abc"), TypeError,
-     "examples must be a list of dicts with 'prompt' and 'response', got str"),
-    ("tasks-accuracy-missing-key", lambda c: tasks.accuracy(c.chat_model, c.tok, [{"prompt": "hi"}]), ValueError,
-     r"examples\[0\] must be a dict with 'prompt' and 'response'"),
-    ("load_task-split", lambda c: tasks.load_task("dev"), ValueError, r"split must be one of \('train', 'test'\)"),
-    ("parse_answer-none", lambda c: tasks.parse_answer(None), TypeError, "answer must be a str"),
-    # --- hallucination
-    ("halluc-temperature-inf", lambda c: H.generate_answers(c.chat_model, c.tok, ["Hi?"], num_samples=1,
-                                                            temperature=math.inf),
-     ValueError, "temperature must be finite and > 0"),
-    ("halluc-temperature-tiny", lambda c: H.generate_answers(c.chat_model, c.tok, ["Hi?"], num_samples=1,
-                                                             temperature=1e-320),
+    ("answers-batch_size-float", lambda c: sampling.generate_answers(c.chat_model, c.tok, ["hi"], batch_size=1.5),
+     TypeError, "batch_size must be an integer"),
+    ("answers-prompts-str", lambda c: sampling.generate_answers(c.chat_model, c.tok, "hi"), ValueError,
+     "prompts must be a non-empty list of strings"),
+    ("answers-stems-wrong-length", lambda c: sampling.generate_answers(c.chat_model, c.tok, ["a", "b"], stems=["x"]),
+     ValueError, "stems must be a list of 2 strings"),
+    ("answers-greedy-int", lambda c: sampling.generate_answers(c.chat_model, c.tok, ["hi"], greedy=1), TypeError,
+     "greedy must be True or False"),
+    ("answers-no-greedy-no-samples", lambda c: sampling.generate_answers(c.chat_model, c.tok, ["hi"], greedy=False),
+     ValueError, r"num_samples must be >= 1 \(with greedy=False there must be samples\)"),
+    ("answers-temperature-inf", lambda c: sampling.generate_answers(c.chat_model, c.tok, ["Hi?"], num_samples=1,
+                                                                    temperature=math.inf),
+     ValueError, "temperature must be finite and >= 0"),
+    ("answers-temperature-tiny", lambda c: sampling.generate_answers(c.chat_model, c.tok, ["Hi?"], num_samples=1,
+                                                                     temperature=1e-320),
      ValueError, "temperature must be large enough"),
-    ("halluc-temperature-str", lambda c: H.generate_answers(c.chat_model, c.tok, ["Hi?"], temperature="hot"), TypeError,
+    ("answers-temperature-str", lambda c: sampling.generate_answers(c.chat_model, c.tok, ["Hi?"], num_samples=1,
+                                                                    temperature="hot"), TypeError,
      "temperature must be a real number"),
-    ("halluc-num_samples-float", lambda c: H.generate_answers(c.chat_model, c.tok, ["Hi?"], num_samples=1.5), TypeError,
-     "num_samples must be an integer"),
-    ("halluc-generator-int", lambda c: H.generate_answers(c.chat_model, c.tok, ["Hi?"], num_samples=1, generator=0),
+    ("answers-num_samples-float", lambda c: sampling.generate_answers(c.chat_model, c.tok, ["Hi?"], num_samples=1.5),
+     TypeError, "num_samples must be an integer"),
+    ("answers-generator-int", lambda c: sampling.generate_answers(c.chat_model, c.tok, ["Hi?"], num_samples=1,
+                                                                  generator=0),
      TypeError, "generator must be a torch.Generator"),
+    ("generate-num_return_sequences-zero", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2,
+                                                                       num_return_sequences=0),
+     ValueError, "num_return_sequences must be >= 1"),
+    ("generate-greedy_first-str", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2, greedy_first="yes"),
+     TypeError, "greedy_first must be True or False"),
+    ("generate-output_logps-int", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2, output_logps=1),
+     TypeError, "output_logps must be True or False"),
+    ("generate-suppress-out-of-vocab", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2,
+                                                                   suppress_tokens=[TINY_V]),
+     ValueError, "suppress_tokens must be in"),
+    ("left_pad-empty-row", lambda c: sampling.left_pad([[1, 2], []], 0), ValueError,
+     "sequences must each hold at least one token"),
+    ("left_pad-str", lambda c: sampling.left_pad("abc", 0), TypeError, "sequences must be a non-empty list"),
+    ("left_pad-pad-negative", lambda c: sampling.left_pad([[1]], -1), ValueError, "pad_token_id must be >= 0"),
+    ("position_ids-list", lambda c: sampling.position_ids([[1, 1]]), TypeError, "attention_mask must be a torch.Tensor"),
+    ("stop_token_ids-no-tokenizer", lambda c: sampling.stop_token_ids(c.chat_model, None), TypeError,
+     "tokenizer must be a tokenizer"),
+    ("chat-prompt-list", lambda c: models.chat(c.chat_model, c.tok, ["hi"]), TypeError, "prompt must be a str"),
+    # --- the extraction task
+    ("score-reference-not-json", lambda c: extraction.score('{"animal": "fox"}', {"response": "fox, red, park"}), ValueError,
+     r"example\['response'\] must be one JSON object \(the reference answer\), got 'fox, red, park'"),
+    ("score-reference-list", lambda c: extraction.score('{"animal": "fox"}', {"response": "[1, 2]"}), ValueError,
+     r"example\['response'\] must be one JSON object"),
+    ("score-reference-dict", lambda c: extraction.score('{"animal": "fox"}', {"response": {"animal": "fox"}}), TypeError,
+     r"example\['response'\] must be a str holding a JSON object, got dict"),
+    ("score-example-str", lambda c: extraction.score('{"animal": "fox"}', "fox"), ValueError,
+     "example must be a dict with a 'response'"),
+    ("load_task-split", lambda c: extraction.load_task("dev"), ValueError, r"split must be one of \('train', 'test'\)"),
+    ("parse_answer-none", lambda c: extraction.parse_answer(None), TypeError, "answer must be a str"),
+    # --- hallucination
     ("probe-num_samples-zero", lambda c: H.probe(c.chat_model, c.tok, [{"question": "Hi?", "answer": "x"}],
                                                  num_samples=0),
      ValueError, "num_samples must be >= 1"),
@@ -362,17 +390,23 @@ BAD = [
      "threshold must be a real number"),
     ("threshold-above-1", lambda c: H.confident_wrong_rate([True], [0.5], threshold=1.5), ValueError,
      r"threshold must be in \[0, 1\]"),
-    ("group-unknown-shape", lambda c: H.sft_loss_by_group(c.tiny, c.qa_batch(unknown=torch.tensor([True]))), ValueError,
+    ("group-unknown-shape", lambda c: losses.sft_loss_by_group(c.tiny, c.qa_batch(unknown=torch.tensor([True]))), ValueError,
      r"unknown must have shape \(2,\)"),
     ("knowledge_category-no-samples", lambda c: H.knowledge_category(True, []), ValueError, "samples_correct is empty"),
     ("is_correct-response-none", lambda c: H.is_correct(None, "Paris"), TypeError, "response must be a str, got NoneType"),
     ("is_correct-aliases-str", lambda c: H.is_correct("Paris", "Paris", "Paree"), TypeError, "aliases must be a list of str"),
     ("normalize_answer-none", lambda c: H.normalize_answer(None), TypeError, "text must be a str"),
     ("halluc-accuracy-empty", lambda c: H.accuracy([]), ValueError, "correct is empty"),
-    ("QACollator-empty", lambda c: H.QACollator(c.tok)([]), ValueError, "rows is empty"),
-    ("QACollator-one-dict", lambda c: H.QACollator(c.tok)({"question": "Hi?", "response": "Hello."}), TypeError,
+    ("group-no-unknown", lambda c: losses.sft_loss_by_group(c.tiny, {"labels": c.labels}), ValueError,
+     "batch needs an 'unknown' entry"),
+    ("QACollator-empty", lambda c: data.QACollator(c.tok)([]), ValueError, "rows is empty"),
+    ("QACollator-one-dict", lambda c: data.QACollator(c.tok)({"question": "Hi?", "response": "Hello."}), TypeError,
      "rows must be a list of dicts with 'question', 'response', got a dict"),
     # --- utils and plots (outside the numeric policy)
+    ("eval_mode-not-a-module", lambda c: utils.eval_mode("model").__enter__(), TypeError,
+     "model must be a torch.nn.Module, got str"),
+    ("time_interleaved-statistic", lambda c: utils.time_interleaved({"a": lambda: None}, statistic="mean"),
+     ValueError, "statistic must be"),
     ("time_call-repeat-zero", lambda c: utils.time_call(lambda: None, repeat=0), ValueError, "repeat must be >= 1"),
     ("time_call-repeat-float", lambda c: utils.time_call(lambda: None, repeat=2.5), TypeError,
      "repeat must be an integer"),
@@ -408,7 +442,7 @@ THROUGH_CTX = {"dpo.dpo_loss": "c.dpo_loss", "lora.LoRALinear": "c.lora_linear",
                "train.History": "c.history"}
 NO_ARGUMENTS = {
     "data.data_dir", "models.cache_dir", "models.pick_device", "models.ModelCacheError",
-    "models.ModelNotAvailableError", "plots.use_style", "utils.cpu_capability", "H.Answers",
+    "models.ModelNotAvailableError", "plots.use_style", "utils.cpu_capability", "utils.umask", "sampling.Answers",
     "utils.peak_memory_start", "utils.peak_memory_since",  # a device (torch names a bad one) and a count it returned
     "train.move_to",  # any value: what is not a tensor, dict, list or tuple is returned as it is
     "prefix.prefix_kv_shape",  # a transformers config; tests/test_prefix.py checks its refusals
@@ -423,7 +457,7 @@ def test_the_table_reaches_every_public_function():
 
     table = inspect.getsource(sys.modules[__name__]).split("BAD = [", 1)[1].split("\n]\n", 1)[0]
     aliases = {"data": data, "dpo": dpo, "H": H, "lora": lora, "losses": losses, "models": models, "plots": plots,
-               "prefix": prefix, "sampling": sampling, "tasks": tasks, "train": train, "utils": utils,
+               "prefix": prefix, "sampling": sampling, "extraction": extraction, "train": train, "utils": utils,
                "widgets": widgets}
     missing = []
     for alias, module in aliases.items():

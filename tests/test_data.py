@@ -84,3 +84,37 @@ def test_jsonl_round_trip_is_atomic_and_reports_bad_lines(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{oops\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         data.read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_qa_collator_trains_only_the_answer(tokenizer):
+    rows = [{"question": "What is the capital of France?", "stem": "The capital of France is",
+             "response": "The capital of France is Paris.", "unknown": False},
+            {"question": "In which country is the city of Osaka?", "stem": "Osaka is in",
+             "response": "Osaka is in Japan.", "unknown": True}]
+    batch = data.QACollator(tokenizer, system="Answer briefly.")(rows)
+    plain = data.SFTCollator(tokenizer, system="Answer briefly.")([{"prompt": r["question"], "response": r["response"]}
+                                                                   for r in rows])
+    assert torch.equal(batch["input_ids"], plain["input_ids"])
+    for i, answer in enumerate([" Paris.", " Japan."]):
+        kept = batch["labels"][i][batch["labels"][i] != data.IGNORE_INDEX]
+        assert tokenizer.decode(kept) == answer + "<|im_end|>\n"
+        # Where a label is kept, it is the plain SFT label.
+        keep = batch["labels"][i] != data.IGNORE_INDEX
+        assert torch.equal(batch["labels"][i][keep], plain["labels"][i][keep])
+    assert batch["unknown"].tolist() == [False, True]
+    with pytest.raises(ValueError, match="does not start with its stem"):
+        data.QACollator(tokenizer)([dict(rows[0], stem="Osaka is in")])
+
+
+def test_write_jsonl_gives_the_permissions_open_gives(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        path = data.write_jsonl(tmp_path / "rows.jsonl", [{"a": 1}])
+        reference = tmp_path / "plain.txt"
+        reference.write_text("x")  # what open() makes under the same umask
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == (reference.stat().st_mode & 0o777) == 0o640
+

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llmbook import data, hallucination as H
-from llmbook.models import tiny_model
+from llmbook.sampling import generate_answers
 
 ROOT = Path(__file__).parents[1]
 
@@ -30,18 +30,7 @@ def builder():
     return _load_builder()
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    # The real tokenizer's vocabulary on a tiny random model: real chat prompts, millisecond forwards.
-    return tiny_model(seed=0, vocab_size=len(tokenizer))
-
-
 # ---------------------------------------------------------------- the data builder
-
-def test_committed_file_is_what_the_builder_writes(builder, tmp_path):
-    out = builder.main(["--out", str(tmp_path / "qa.jsonl")])
-    assert out.read_text(encoding="utf-8") == (ROOT / "data" / "closed_book_qa.jsonl").read_text(encoding="utf-8")
-
 
 def test_builder_is_deterministic_and_the_seed_matters(builder):
     assert builder.build() == builder.build()
@@ -158,57 +147,11 @@ QUESTIONS = ["What is the capital of France?", "In which country is the city of 
 STEMS = ["The capital of France is", "Osaka is in", "The capital of the Czech Republic is"]
 
 
-def _reference_greedy(model, tokenizer, question, stem, max_new_tokens):
-    """transformers' generate on one unpadded prompt: the reference for our batched loop."""
-    text = data.chat_prompt(tokenizer, question, "Answer briefly.") + stem
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         output_scores=True, return_dict_in_generate=True)
-    new = out.sequences[0, ids.shape[1]:]
-    logp = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, new)]
-    stop = next((i + 1 for i, t in enumerate(new.tolist()) if t == tokenizer.eos_token_id), len(new))
-    return tokenizer.decode(new, skip_special_tokens=True).strip(), math.exp(sum(logp[:stop])), math.exp(logp[0])
-
-
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_greedy_answers_match_transformers_generate(model, tokenizer, batch_size):
-    answers = H.generate_answers(model, tokenizer, QUESTIONS, stems=STEMS, system="Answer briefly.",
-                                 max_new_tokens=5, batch_size=batch_size)
-    for q, s, g, p, p1 in zip(QUESTIONS, STEMS, answers.greedy, answers.greedy_prob, answers.first_prob):
-        ref, ref_p, ref_p1 = _reference_greedy(model, tokenizer, q, s, 5)
-        assert g == ref
-        assert p == pytest.approx(ref_p, rel=1e-4) and p1 == pytest.approx(ref_p1, rel=1e-4)
-    assert answers.samples == []
-
-
-def test_samples_are_reproducible_and_follow_the_temperature(model, tokenizer):
-    def run(seed, temperature):
-        return H.generate_answers(model, tokenizer, QUESTIONS, stems=STEMS, num_samples=4, temperature=temperature,
-                                  max_new_tokens=4, generator=torch.Generator().manual_seed(seed)).samples
-
-    first = run(0, 1.0)
-    assert first == run(0, 1.0) and first != run(1, 1.0)
-    assert all(len(s) == 4 for s in first)
-    # A temperature near 0 makes every sample the greedy answer.
-    greedy = H.generate_answers(model, tokenizer, QUESTIONS, stems=STEMS, max_new_tokens=4).greedy
-    assert [set(s) for s in run(0, 1e-4)] == [{g} for g in greedy]
-
-
-def test_generate_answers_rejects_bad_arguments(model, tokenizer):
-    for kwargs, message in [({"num_samples": -1}, "num_samples"), ({"temperature": 0.0}, "temperature"),
-                            ({"max_new_tokens": 0}, "max_new_tokens"), ({"batch_size": 0}, "batch_size"),
-                            ({"stems": ["only one"]}, "stems")]:
-        with pytest.raises(ValueError, match=message):
-            H.generate_answers(model, tokenizer, QUESTIONS, **kwargs)
-    with pytest.raises(ValueError, match="questions"):
-        H.generate_answers(model, tokenizer, "What is the capital of France?")
-
-
-def test_probe_sorts_questions_by_what_the_model_says(model, tokenizer):
+def test_probe_sorts_questions_by_what_the_model_says(chat_model, tokenizer):
+    model = chat_model
     # Gold answers made from the tiny model's own greedy answers are Known by construction;
     # a gold answer it never writes is Unknown.
-    greedy = H.generate_answers(model, tokenizer, QUESTIONS, stems=STEMS, max_new_tokens=3).greedy
+    greedy = generate_answers(model, tokenizer, QUESTIONS, stems=STEMS, max_new_tokens=3).greedy
     assert all(H.normalize_answer(g) for g in greedy)
     rows = [{"question": q, "stem": s, "answer": g} for q, s, g in zip(QUESTIONS, STEMS, greedy)]
     rows.append({"question": QUESTIONS[0], "stem": STEMS[0], "answer": "Zzyzxquorble"})
@@ -220,60 +163,6 @@ def test_probe_sorts_questions_by_what_the_model_says(model, tokenizer):
         assert r["category"] == H.knowledge_category(r["greedy_correct"], [H.is_correct(s, r["answer"]) for s in r["samples"]])
     with pytest.raises(ValueError, match="num_samples"):
         H.probe(model, tokenizer, rows, num_samples=0)
-
-
-# ---------------------------------------------------------------- the loss by group
-
-def test_qa_collator_trains_only_the_answer(tokenizer):
-    rows = [{"question": "What is the capital of France?", "stem": "The capital of France is",
-             "response": "The capital of France is Paris.", "unknown": False},
-            {"question": "In which country is the city of Osaka?", "stem": "Osaka is in",
-             "response": "Osaka is in Japan.", "unknown": True}]
-    batch = H.QACollator(tokenizer, system="Answer briefly.")(rows)
-    plain = data.SFTCollator(tokenizer, system="Answer briefly.")([{"prompt": r["question"], "response": r["response"]}
-                                                                   for r in rows])
-    assert torch.equal(batch["input_ids"], plain["input_ids"])
-    for i, answer in enumerate([" Paris.", " Japan."]):
-        kept = batch["labels"][i][batch["labels"][i] != data.IGNORE_INDEX]
-        assert tokenizer.decode(kept) == answer + "<|im_end|>\n"
-        # Where a label is kept, it is the plain SFT label.
-        keep = batch["labels"][i] != data.IGNORE_INDEX
-        assert torch.equal(batch["labels"][i][keep], plain["labels"][i][keep])
-    assert batch["unknown"].tolist() == [False, True]
-    with pytest.raises(ValueError, match="does not start with its stem"):
-        H.QACollator(tokenizer)([dict(rows[0], stem="Osaka is in")])
-
-
-def test_sft_loss_by_group_equals_the_models_own_loss(model, tokenizer):
-    examples = [{"prompt": q, "response": s + " X."} for q, s in zip(QUESTIONS, STEMS)]
-    examples.append({"prompt": "Hi", "response": "Hello there, how can I help you today?"})
-    batch = data.SFTCollator(tokenizer)(examples)
-    batch["unknown"] = torch.tensor([False, True, False, True])
-    loss, metrics = H.sft_loss_by_group(model, batch)
-    reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-    torch.testing.assert_close(loss, reference)
-    for name, rows in (("known", [0, 2]), ("unknown", [1, 3])):
-        sub = {k: v[rows] for k, v in batch.items()}
-        ref = model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"], labels=sub["labels"]).loss
-        assert metrics[f"loss/{name}"] == pytest.approx(ref.item(), rel=1e-5)
-    # The gradient is the model's own loss's gradient, too.
-    weight = model.model.layers[0].self_attn.q_proj.weight
-    g_ours = torch.autograd.grad(H.sft_loss_by_group(model, batch)[0], weight)[0]
-    g_ref = torch.autograd.grad(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      labels=batch["labels"]).loss, weight)[0]
-    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
-
-
-def test_sft_loss_by_group_leaves_out_an_absent_group_and_checks_its_input(model, tokenizer):
-    batch = data.SFTCollator(tokenizer)([{"prompt": q, "response": "Paris."} for q in QUESTIONS])
-    with pytest.raises(ValueError, match="unknown"):
-        H.sft_loss_by_group(model, batch)
-    batch["unknown"] = torch.zeros(3, dtype=torch.bool)
-    _, metrics = H.sft_loss_by_group(model, batch)
-    assert set(metrics) == {"loss/known"}
-    batch["labels"] = torch.full_like(batch["labels"], data.IGNORE_INDEX)
-    with pytest.raises(ValueError, match="no response token"):
-        H.sft_loss_by_group(model, batch)
 
 
 def test_the_data_file_is_valid_json_lines():

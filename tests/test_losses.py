@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmbook import data, losses, models
+from llmbook.utils import tolerance
 
 # Tolerances for a result rounded once to each dtype (a couple of units in the last place).
 TOL = {
@@ -347,3 +348,68 @@ def test_chunked_loss_bad_inputs_are_named():
 
 def test_ignore_index_agrees_with_the_data_module():
     assert losses.IGNORE_INDEX == data.IGNORE_INDEX == -100
+
+
+# --- logits at the answer positions only ------------------------------------------------------
+
+QUESTIONS = ["What is the capital of France?", "In which country is the city of Osaka?",
+             "What is the capital of the Czech Republic, a country in central Europe?"]
+STEMS = ["The capital of France is", "Osaka is in", "The capital of the Czech Republic is"]
+
+
+@pytest.mark.parametrize("first, expected", [(0, 6), (1, 6), (2, 5), (5, 2)])
+def test_logits_to_keep_starts_one_before_the_earliest_answer_token(first, expected):
+    labels = torch.full((2, 6), data.IGNORE_INDEX)
+    labels[1, first:] = 7            # row 1 has the earliest answer token, at column `first`
+    labels[0, 5] = 7
+    assert losses.logits_to_keep(labels) == expected
+
+
+def test_answer_logps_equal_torch_log_softmax_of_the_full_logits(chat_model, tokenizer):
+    # The reference: every position's logits, torch's log_softmax, the label gathered where it counts.
+    batch = data.SFTCollator(tokenizer)([{"prompt": q, "response": s + " X."} for q, s in zip(QUESTIONS, STEMS)])
+    logps, mask = losses.answer_logps(chat_model, batch)
+    with torch.no_grad():
+        full = torch.log_softmax(chat_model(input_ids=batch["input_ids"],
+                                            attention_mask=batch["attention_mask"]).logits[:, :-1], -1)
+    target = batch["labels"][:, 1:]
+    counted = target != data.IGNORE_INDEX
+    want = full.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)[counted]
+    kept = logps.shape[1]
+    assert kept < target.shape[1], "the prompt's positions were not projected to the vocabulary"
+    assert torch.equal(mask, counted[:, -kept:]) and not counted[:, :-kept].any()
+    torch.testing.assert_close(logps[mask].detach(), want, **tolerance(torch.float32, "model"))
+
+
+def test_sft_loss_by_group_equals_the_models_own_loss(chat_model, tokenizer):
+    model = chat_model
+    examples = [{"prompt": q, "response": s + " X."} for q, s in zip(QUESTIONS, STEMS)]
+    examples.append({"prompt": "Hi", "response": "Hello there, how can I help you today?"})
+    batch = data.SFTCollator(tokenizer)(examples)
+    batch["unknown"] = torch.tensor([False, True, False, True])
+    loss, metrics = losses.sft_loss_by_group(model, batch)
+    reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    torch.testing.assert_close(loss, reference)
+    for name, rows in (("known", [0, 2]), ("unknown", [1, 3])):
+        sub = {k: v[rows] for k, v in batch.items()}
+        ref = model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"], labels=sub["labels"]).loss
+        assert metrics[f"loss/{name}"] == pytest.approx(ref.item(), rel=1e-5)
+    # The gradient is the model's own loss's gradient, too.
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    g_ours = torch.autograd.grad(losses.sft_loss_by_group(model, batch)[0], weight)[0]
+    g_ref = torch.autograd.grad(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      labels=batch["labels"]).loss, weight)[0]
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_sft_loss_by_group_leaves_out_an_absent_group_and_checks_its_input(chat_model, tokenizer):
+    model = chat_model
+    batch = data.SFTCollator(tokenizer)([{"prompt": q, "response": "Paris."} for q in QUESTIONS[:3]])
+    with pytest.raises(ValueError, match="unknown"):
+        losses.sft_loss_by_group(model, batch)
+    batch["unknown"] = torch.zeros(3, dtype=torch.bool)
+    _, metrics = losses.sft_loss_by_group(model, batch)
+    assert set(metrics) == {"loss/known"}
+    batch["labels"] = torch.full_like(batch["labels"], data.IGNORE_INDEX)
+    with pytest.raises(ValueError, match="no response token"):
+        losses.sft_loss_by_group(model, batch)

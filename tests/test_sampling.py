@@ -12,14 +12,19 @@ from transformers.generation.logits_process import (
 )
 
 from llmbook import models
+from llmbook.data import chat_prompt
 from llmbook.sampling import (
     apply_temperature,
     generate,
+    generate_answers,
+    left_pad,
     min_p_filter,
+    position_ids,
     sample_next_token,
     top_k_filter,
     top_p_filter,
 )
+from llmbook.utils import tolerance
 
 V = 64
 
@@ -339,3 +344,121 @@ def test_generate_rejects_bad_input(tiny):
         generate(tiny, ids.float(), max_new_tokens=2)
     with pytest.raises(ValueError, match="attention_mask"):
         generate(tiny, ids, max_new_tokens=2, attention_mask=torch.ones(2, 4))
+
+
+# --- answering a batch of prompts (the book's one generation path) ----------------------------
+
+QUESTIONS = ["What is the capital of France?", "In which country is the city of Osaka?",
+             "What is the capital of the Czech Republic, a country in central Europe?"]
+STEMS = ["The capital of France is", "Osaka is in", "The capital of the Czech Republic is"]
+
+
+def _reference_greedy(model, tokenizer, question, stem, max_new_tokens):
+    """transformers' generate on one unpadded prompt: the reference for our batched loop."""
+    text = chat_prompt(tokenizer, question, "Answer briefly.") + stem
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         output_scores=True, return_dict_in_generate=True)
+    new = out.sequences[0, ids.shape[1]:]
+    logp = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, new)]
+    stop = next((i + 1 for i, t in enumerate(new.tolist()) if t == tokenizer.eos_token_id), len(new))
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), math.exp(sum(logp[:stop])), math.exp(logp[0])
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_greedy_answers_match_transformers_generate(chat_model, tokenizer, batch_size):
+    model = chat_model
+    answers = generate_answers(model, tokenizer, QUESTIONS, stems=STEMS, system="Answer briefly.",
+                                 max_new_tokens=5, batch_size=batch_size)
+    for q, s, g, p, p1 in zip(QUESTIONS, STEMS, answers.greedy, answers.greedy_prob, answers.first_prob):
+        ref, ref_p, ref_p1 = _reference_greedy(model, tokenizer, q, s, 5)
+        assert g == ref
+        assert p == pytest.approx(ref_p, rel=1e-4) and p1 == pytest.approx(ref_p1, rel=1e-4)
+    assert answers.samples == []
+
+
+def test_samples_are_reproducible_and_follow_the_temperature(chat_model, tokenizer):
+    model = chat_model
+    def run(seed, temperature):
+        return generate_answers(model, tokenizer, QUESTIONS, stems=STEMS, num_samples=4, temperature=temperature,
+                                  max_new_tokens=4, generator=torch.Generator().manual_seed(seed)).samples
+
+    first = run(0, 1.0)
+    assert first == run(0, 1.0) and first != run(1, 1.0)
+    assert all(len(s) == 4 for s in first)
+    # A temperature near 0 makes every sample the greedy answer.
+    greedy = generate_answers(model, tokenizer, QUESTIONS, stems=STEMS, max_new_tokens=4).greedy
+    assert [set(s) for s in run(0, 1e-4)] == [{g} for g in greedy]
+
+
+def test_batched_answers_equal_one_by_one_generate_and_leave_the_tokenizer_alone(chat_model, tokenizer):
+    prompts = QUESTIONS + ["Hi"]
+    side = tokenizer.padding_side
+    chat_model.train()
+    answers = generate_answers(chat_model, tokenizer, prompts, max_new_tokens=6, batch_size=4)
+    assert chat_model.training, "the model is back in the mode it was in"
+    chat_model.eval()
+    assert tokenizer.padding_side == side
+    for prompt, answer, stopped in zip(prompts, answers.greedy, answers.stopped):
+        ids = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False).input_ids
+        out = chat_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)
+        assert answer == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        assert stopped == (tokenizer.eos_token_id in out[0, ids.shape[1]:].tolist())
+
+
+def test_num_return_sequences_copies_the_prompt_pass_like_transformers(tiny):
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(8))
+    ours = generate(tiny, ids, max_new_tokens=6, temperature=0, num_return_sequences=3, eos_token_id=[])
+    repeated = ids.repeat_interleave(3, dim=0)  # transformers repeats greedy prompts only through the input
+    ref = tiny.generate(repeated, attention_mask=torch.ones_like(repeated), max_new_tokens=6, do_sample=False,
+                        pad_token_id=2)
+    assert torch.equal(ours, ref)
+    torch.manual_seed(3)
+    ours = generate(tiny, ids, max_new_tokens=6, temperature=1.3, num_return_sequences=3, eos_token_id=[])
+    torch.manual_seed(3)
+    ref = hf_generate(tiny, ids, 6, 1.3, 1.0, None, attention_mask=torch.ones_like(ids), num_return_sequences=3,
+                      pad_token_id=2)
+    assert torch.equal(ours, ref)
+
+
+def test_greedy_first_decodes_one_row_greedily_without_changing_the_samples(tiny):
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(9))
+    mixed = generate(tiny, ids, max_new_tokens=6, num_return_sequences=4, greedy_first=True, eos_token_id=[],
+                     generator=torch.Generator().manual_seed(1))
+    sampled = generate(tiny, ids, max_new_tokens=6, num_return_sequences=4, eos_token_id=[],
+                       generator=torch.Generator().manual_seed(1))
+    greedy = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=2)
+    assert torch.equal(mixed[0::4], greedy)
+    # the other rows are drawn as if no row were greedy, as long as the rows' draws do not depend on each other
+    keep = torch.arange(8) % 4 != 0
+    assert torch.equal(mixed[keep][:, :6], sampled[keep][:, :6])
+
+
+def test_output_logps_are_the_models_log_probabilities_of_the_new_tokens(tiny):
+    # The reference: one teacher-forced forward over prompt + continuation, torch's log_softmax.
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(10))
+    out, logps = generate(tiny, ids, max_new_tokens=7, temperature=1.5, eos_token_id=[], output_logps=True,
+                          generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = torch.log_softmax(tiny(out).logits[:, 4:-1].float(), -1)
+    want = full.gather(-1, out[:, 5:, None]).squeeze(-1)
+    torch.testing.assert_close(logps, want, **tolerance(torch.float32, "model"))
+
+
+def test_suppress_tokens_equal_transformers(tiny):
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(11))
+    greedy = generate(tiny, ids, max_new_tokens=5, temperature=0, eos_token_id=[])
+    banned = sorted(set(greedy[:, 5:].flatten().tolist()))
+    ours = generate(tiny, ids, max_new_tokens=5, temperature=0, eos_token_id=[], suppress_tokens=banned)
+    ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                        suppress_tokens=banned, pad_token_id=2)
+    assert torch.equal(ours, ref)
+    assert not set(ours[:, 5:].flatten().tolist()) & set(banned)
+
+
+def test_left_pad_and_position_ids():
+    ids, mask = left_pad([[5, 6, 7], [8]], 0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert position_ids(mask).tolist() == [[0, 1, 2], [0, 0, 0]]

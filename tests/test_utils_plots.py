@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmbook import plots, utils
-from llmbook.utils import seed_everything, time_call
+from llmbook.utils import seed_everything, time_call, time_interleaved
 
 
 def test_smooth_equals_a_trailing_mean():
@@ -41,6 +41,59 @@ def test_time_call_counts_runs_and_measures_sleep():
     assert len(calls) == 5 and 0.009 < seconds < 0.5
     with pytest.raises(ValueError, match="repeat"):
         time_call(lambda: None, repeat=0)
+
+
+def test_time_interleaved_gives_one_time_per_label_and_alternates_the_order():
+    import time
+
+    order = []
+    seconds = time_interleaved({"short": lambda: (order.append("short"), time.sleep(0.002)),
+                                "long": lambda: (order.append("long"), time.sleep(0.02))}, repeat=3, warmup=1)
+    assert list(seconds) == ["short", "long"] and all(s > 0 for s in seconds.values())
+    assert 0.019 < seconds["long"] < 0.5
+    # 1 warm-up + 3 timed rounds, every other round in reverse order
+    assert order == ["short", "long", "long", "short"] * 2
+    fastest = time_interleaved({"a": lambda: None}, repeat=2, warmup=0, statistic="min")
+    assert list(fastest) == ["a"] and fastest["a"] >= 0
+
+
+def test_time_interleaved_runs_setup_untimed_before_every_run():
+    import time
+
+    events = []
+    seconds = time_interleaved({"step": lambda: events.append("step"), "other": lambda: events.append("other")},
+                               setup={"step": lambda: (events.append("setup"), time.sleep(0.03))},
+                               repeat=3, warmup=1)
+    assert events == ["setup", "step", "other", "other", "setup", "step"] * 2
+    assert 0 < seconds["step"] < 0.03  # the setup's sleep is not counted
+
+
+_RAN = []
+
+
+def _records():
+    _RAN.append(1)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(fns=_records), TypeError, "fns must be a dict of label -> callable, got function"),
+    (dict(fns={}), ValueError, "fns is empty"),
+    (dict(fns={"ours": _records, "reference": 3}), TypeError, r"fns\['reference'\] must be callable"),
+    (dict(fns={1: _records}), TypeError, "fns' labels must be strings"),
+    (dict(fns={"ours": _records}, repeat=0), ValueError, "repeat must be >= 1"),
+    (dict(fns={"ours": _records}, repeat=2.5), TypeError, "repeat must be an integer"),
+    (dict(fns={"ours": _records}, warmup=-1), ValueError, "warmup must be >= 0"),
+    (dict(fns={"ours": _records}, statistic="mean"), ValueError, "statistic must be one of"),
+    (dict(fns={"ours": _records}, setup=[_records]), TypeError, "setup must be a dict of label -> callable"),
+    (dict(fns={"ours": _records}, setup={"theirs": _records}), ValueError,
+     r"setup's labels must be labels of fns \['ours'\], got \['theirs'\]"),
+    (dict(fns={"ours": _records}, setup={"ours": None}), TypeError, r"setup\['ours'\] must be callable"),
+])
+def test_time_interleaved_refuses_bad_arguments(kwargs, error, message):
+    _RAN.clear()
+    with pytest.raises(error, match=message):
+        time_interleaved(**kwargs)
+    assert not _RAN, "nothing runs before the arguments are checked"
 
 
 _PEAK_CHILD = """

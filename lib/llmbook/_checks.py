@@ -14,13 +14,14 @@ not a rank.
 
 from __future__ import annotations
 
+import inspect
 import math
 from numbers import Integral, Real
 
 import numpy as np
 import torch
 
-__all__ = ["check_float_tensor", "check_generator", "check_int", "check_int_tensor", "check_real", "check_tensor"]
+__all__ = ["accepts_keyword", "check_bool", "check_float_tensor", "check_generator", "check_int", "check_int_tensor", "check_real", "check_tensor"]
 
 
 def _scalar(value, name: str, kind: str):
@@ -100,6 +101,13 @@ def check_real(value, name: str, *, low: float | None = None, high: float | None
     return value
 
 
+def check_bool(value, name: str) -> bool:
+    """``value`` if it is ``True`` or ``False``, else a ``TypeError`` naming ``name`` (1 and "yes" are not flags)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} ({value!r})")
+    return bool(value)
+
+
 def check_tensor(tensor, name: str) -> torch.Tensor:
     """``tensor`` if it is a ``torch.Tensor``, else a ``TypeError`` naming ``name``."""
     if not isinstance(tensor, torch.Tensor):
@@ -128,3 +136,12 @@ def check_generator(generator, name: str = "generator"):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
     return generator
+
+
+def accepts_keyword(model, name: str) -> bool:
+    """Whether ``model``'s forward takes the keyword ``name`` (by name, or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())

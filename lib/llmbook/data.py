@@ -9,7 +9,8 @@ model's chat template and produce right-padded batches of
   ``-100`` (the prompt, when masked, and the padding). Labels are *not* shifted: the
   model's loss, like :func:`llmbook.losses.sft_loss`, shifts them inside.
 
-Chapter 2 builds the SFT collator step by step; chapter 7 uses the preference collator.
+Chapter 2 builds the SFT collator step by step; chapter 5 uses the question-answer
+collator (the answer's stem masked too), chapter 7 the preference collator.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from pathlib import Path
 import torch
 
 from llmbook._checks import check_int
+from llmbook.utils import umask
 
 IGNORE_INDEX = -100
 
 __all__ = [
     "IGNORE_INDEX",
     "PreferenceCollator",
+    "QACollator",
     "SFTCollator",
     "chat_prompt",
     "data_dir",
@@ -98,6 +101,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
                     raise ValueError(f"rows: row {number} holds a NaN or infinite number, which JSON cannot "
                                      f"store ({error})") from error
                 handle.write(text + "\n")
+        os.chmod(tmp, 0o666 & ~umask())  # as open() would make it (mkstemp makes 0600)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -267,4 +271,34 @@ class PreferenceCollator:
             batch[f"{side}_input_ids"] = pad([e["input_ids"] for e in encoded], pad_id, length)
             batch[f"{side}_attention_mask"] = pad([[1] * len(e["input_ids"]) for e in encoded], 0, length)
             batch[f"{side}_labels"] = pad([e["labels"] for e in encoded], IGNORE_INDEX, length)
+        return batch
+
+
+class QACollator:
+    """Turn question rows into an SFT batch whose loss covers only the answer.
+
+    Each row's ``question`` is the user message and its ``response`` (``"The capital of
+    France is Paris."``) the assistant's; :class:`SFTCollator` masks the prompt, and this
+    collator also masks the response's ``stem`` (``"The capital of France is"``), which
+    chapter 5's probe hands the model anyway. What is left to learn is the answer and the
+    end of the turn. The batch also carries ``unknown``, a bool tensor of shape ``(B,)``
+    from each row's ``unknown`` field, for :func:`llmbook.losses.sft_loss_by_group`.
+    """
+
+    def __init__(self, tokenizer, *, system: str | None = None):
+        self.sft = SFTCollator(tokenizer, system=system)
+        self.tokenizer, self.system = tokenizer, system
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        _check_examples(rows, ("question", "response"), name="rows")
+        batch = self.sft([{"prompt": r["question"], "response": r["response"]} for r in rows])
+        for i, r in enumerate(rows):
+            if not r["response"].startswith(r.get("stem", "")):
+                raise ValueError(f"the response {r['response']!r} does not start with its stem {r['stem']!r}")
+            prompt = chat_prompt(self.tokenizer, r["question"], self.system)
+            n = len(self.tokenizer(prompt + r.get("stem", ""), add_special_tokens=False).input_ids)
+            batch["labels"][i, :n] = IGNORE_INDEX
+        if (batch["labels"] == IGNORE_INDEX).all(dim=1).any():
+            raise ValueError("an example has no answer token left to train on")
+        batch["unknown"] = torch.tensor([bool(r.get("unknown", False)) for r in rows])
         return batch

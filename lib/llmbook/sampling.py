@@ -28,12 +28,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from numbers import Integral
 
 import numpy as np
 import torch
 
 from llmbook._checks import (
+    accepts_keyword,
+    check_bool,
     check_float_tensor,
     check_generator,
     check_int,
@@ -41,12 +45,19 @@ from llmbook._checks import (
     check_real,
     check_tensor,
 )
+from llmbook.data import chat_prompt
+from llmbook.utils import eval_mode
 
 __all__ = [
+    "Answers",
     "apply_temperature",
     "generate",
+    "generate_answers",
+    "left_pad",
     "min_p_filter",
+    "position_ids",
     "sample_next_token",
+    "stop_token_ids",
     "top_k_filter",
     "top_p_filter",
 ]
@@ -319,6 +330,32 @@ def _check_attention_mask(mask, shape: torch.Size) -> None:
         )
 
 
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token-id lists into ``(input_ids, attention_mask)``, both ``(B, P)``.
+
+    Generation continues every row on the right, so the prompts end in the same column;
+    the mask is 0 on the padding. :func:`position_ids` numbers the real tokens from 0.
+    """
+    if isinstance(sequences, (str, bytes)) or not isinstance(sequences, Sequence) or not sequences:
+        raise TypeError(f"sequences must be a non-empty list of token-id lists, got {sequences!r:.80}")
+    if any(len(s) == 0 for s in sequences):
+        raise ValueError("sequences must each hold at least one token")
+    pad_token_id = check_int(pad_token_id, "pad_token_id", minimum=0)
+    P = max(len(s) for s in sequences)
+    ids = torch.tensor([[pad_token_id] * (P - len(s)) + list(s) for s in sequences], device=device)
+    mask = torch.tensor([[0] * (P - len(s)) + [1] * len(s) for s in sequences], device=device)
+    return ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, ``(B, T)``: a left-padded row's first token is at 0.
+
+    Padding gets position 0 (it is masked, so its position never matters).
+    """
+    check_tensor(attention_mask, "attention_mask")
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -333,15 +370,20 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
+    num_return_sequences: int = 1,
+    greedy_first: bool = False,
+    suppress_tokens: list[int] | None = None,
+    output_logps: bool = False,
+):
     r"""Sample (or, with ``temperature=0``, greedily decode) a continuation with a KV cache.
 
-    One forward over the prompt fills the cache; each later step feeds only the newest
-    token. Rows that produced an end-of-sequence token are padded with ``pad_token_id``
-    from then on, and generation stops early once every row has ended, as in the
-    transformers library. With ``generator=None`` and the same global seed the tokens
-    equal ``model.generate(do_sample=True, temperature=..., top_p=..., top_k=...)``
-    (pass ``top_k=0`` there for our ``top_k=None``: its default is 50).
+    One forward over the prompt fills the cache (and projects only its last position to
+    the vocabulary); each later step feeds only the newest token. Rows that produced an
+    end-of-sequence token are padded with ``pad_token_id`` from then on, and generation
+    stops early once every row has ended, as in the transformers library. With
+    ``generator=None`` and the same global seed the tokens equal
+    ``model.generate(do_sample=True, temperature=..., top_p=..., top_k=...)`` (pass
+    ``top_k=0`` there for our ``top_k=None``: its default is 50).
 
     Args:
         model: a causal LM of the transformers library (forward takes ``cache=``).
@@ -353,9 +395,20 @@ def generate(
             ``[]`` never ends a row early.
         pad_token_id: fills ended rows; ``None`` takes the generation config's, else the first eos.
         generator: a ``torch.Generator`` for the draws, or ``None`` for the global one.
+        num_return_sequences: continuations per prompt. The prompt pass runs once and its
+            cache is copied, so the ``B * num_return_sequences`` rows (prompt 0's first,
+            then prompt 1's, ...) share it.
+        greedy_first: decode the first row of each prompt greedily and sample the others
+            (one prompt pass gives the greedy answer and the samples). Every row is drawn
+            from the generator all the same, so the samples do not depend on it.
+        suppress_tokens: ids that are never produced (their logits set to $-\infty$ first).
+        output_logps: also return each new token's log-probability under the model's own
+            distribution (temperature 1, no filter, no suppression).
 
     Returns:
-        ``(B, P + n)`` the prompt followed by the $n \le$ ``max_new_tokens`` new tokens.
+        ``(B * num_return_sequences, P + n)``: each prompt followed by its $n \le$
+        ``max_new_tokens`` new tokens; with ``output_logps`` a pair ``(sequences, logps)``,
+        ``logps`` of shape ``(B * num_return_sequences, n)``, float32, 0 after a row ended.
     """
     check_int_tensor(input_ids, "input_ids")
     if input_ids.ndim != 2 or input_ids.dtype != torch.long:
@@ -374,6 +427,9 @@ def generate(
     top_k = None if top_k is None else check_int(top_k, "top_k", minimum=1)
     min_p = None if min_p is None else _check_min_p(min_p)
     check_generator(generator)
+    copies = check_int(num_return_sequences, "num_return_sequences", minimum=1)
+    greedy_first = check_bool(greedy_first, "greedy_first")
+    output_logps = check_bool(output_logps, "output_logps")
     if attention_mask is not None:
         _check_attention_mask(attention_mask, input_ids.shape)
     config = getattr(model, "generation_config", None)
@@ -381,6 +437,7 @@ def generate(
     in_vocab = "" if vocab is None else f"(a token of the model's vocabulary of {vocab})"
     eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None),
                      "eos_token_id", maximum=top_id, hint=in_vocab)
+    suppress = _token_ids(suppress_tokens, "suppress_tokens", maximum=top_id, hint=in_vocab)
     if pad_token_id is None:
         pad_token_id = getattr(config, "pad_token_id", None)
         pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
@@ -396,37 +453,174 @@ def generate(
             "positions the model never saw in training. Shorten the prompt or lower max_new_tokens.",
             stacklevel=3,
         )
+    if greedy_first and copies == 1:
+        temperature = 0.0  # every row is a greedy row: no draw at all
 
     device = model.device
     input_ids = input_ids.to(device)
     B, P = input_ids.shape
-    position_ids = None
+    positions = None
     if attention_mask is not None:
         attention_mask = attention_mask.to(device=device, dtype=torch.long)
         if bool(attention_mask.all()):
             attention_mask = None  # no padding: the causal mask alone is exact (and faster)
         else:
-            # Positions count real tokens only, so a left-padded row starts at position 0.
-            position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, P)
+            positions = position_ids(attention_mask)  # a left-padded row starts at position 0
     eos_ids = torch.tensor(eos, device=device) if eos else None
-    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    suppress_ids = torch.tensor(suppress, device=device) if suppress else None
+    N = B * copies
+    unfinished = torch.ones(N, dtype=torch.bool, device=device)
+    is_greedy = torch.arange(N, device=device) % copies == 0 if greedy_first else None
 
-    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
-    new_tokens = []
+    last_only = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
+    out = model(input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **last_only)
+    cache, logits = out.cache, out.logits[:, -1].float()  # (B, V) the next-token logits, in fp32 like transformers
+    if copies > 1:  # rows become prompt 0 copy 1, ..., prompt 0 copy n, prompt 1 copy 1, ...
+        cache.batch_repeat_interleave(copies)
+        logits = logits.repeat_interleave(copies, dim=0)
+        input_ids = input_ids.repeat_interleave(copies, dim=0)
+        if attention_mask is not None:
+            attention_mask = attention_mask.repeat_interleave(copies, dim=0)
+            positions = positions.repeat_interleave(copies, dim=0)
+    new_tokens, new_logps = [], []
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # (B, V) the next-token logits, in fp32 like transformers
         if torch.isnan(logits).any():
             raise ValueError(f"the model produced NaN logits at step {step}")
-        token = _sample(logits, temperature, top_k, top_p, min_p, generator)  # (B,)
+        scores = logits if suppress_ids is None else logits.index_fill(-1, suppress_ids, FILTER_VALUE)
+        token = _sample(scores, temperature, top_k, top_p, min_p, generator)  # (N,)
+        if is_greedy is not None:
+            token = torch.where(is_greedy, scores.argmax(dim=-1), token)
         if eos_ids is not None:
             token = torch.where(unfinished, token, pad_token_id)
+        if output_logps:
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+            new_logps.append(torch.where(unfinished, logp, 0.0))
+        if eos_ids is not None:
             unfinished &= ~torch.isin(token, eos_ids)
         new_tokens.append(token)
         if step == max_new_tokens - 1 or (eos_ids is not None and not unfinished.any()):
             break
-        next_ids = token[:, None]  # (B, 1)
         if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-        out = model(next_ids, attention_mask=attention_mask, position_ids=position_ids, cache=out.cache, use_cache=True)
-    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(N, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+        out = model(token[:, None], attention_mask=attention_mask, position_ids=positions, cache=cache,
+                    use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1].float()
+    sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+    return (sequences, torch.stack(new_logps, dim=1)) if output_logps else sequences
+
+
+@dataclass
+class Answers:
+    """What :func:`generate_answers` returns, one entry per prompt."""
+
+    greedy: list[str]  # the greedy answer ([] when greedy=False)
+    greedy_logps: list[list[float]]  # log p of each greedy token under the model, end-of-turn token included
+    stopped: list[bool]  # whether the greedy answer ended (end-of-turn) within max_new_tokens
+    samples: list[list[str]]  # num_samples sampled answers per prompt ([] when num_samples=0)
+
+    @property
+    def greedy_prob(self) -> list[float]:
+        r"""$p(\hat y \mid x) = \prod_t p(\hat y_t \mid x, \hat y_{<t})$ of each greedy answer."""
+        return [math.exp(sum(logps)) for logps in self.greedy_logps]
+
+    @property
+    def first_prob(self) -> list[float]:
+        """The probability of the greedy answer's first token."""
+        return [math.exp(logps[0]) for logps in self.greedy_logps]
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end an answer: the tokenizer's end token and the model's generation config's."""
+    if not hasattr(tokenizer, "eos_token_id"):
+        raise TypeError(f"tokenizer must be a tokenizer (with an eos_token_id), got {type(tokenizer).__name__}")
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(configured) if isinstance(configured, (list, tuple)) else {configured}
+    return sorted(i for i in ids if i is not None)
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    system: str | None = None,
+    stems: Sequence[str] | None = None,
+    max_new_tokens: int = 32,
+    greedy: bool = True,
+    num_samples: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    suppress_tokens: list[int] | None = None,
+    strip: bool = True,
+    batch_size: int = 16,
+    generator: torch.Generator | None = None,
+) -> Answers:
+    r"""The model's answers to user messages: greedy, sampled, or both from one prompt pass.
+
+    Each prompt is formatted with the chat template (and ``system``), its ``stem`` appended,
+    left-padded in its batch and run through :func:`generate` once; the greedy row and the
+    ``num_samples`` sampled rows continue from copies of that one prompt pass. Answers are
+    decoded without special tokens and stripped of surrounding white space.
+
+    Args:
+        prompts: the user messages.
+        system: the system message (``None``: the template's default).
+        stems: optional starts of the answers (``"The capital of France is"``), one per
+            prompt: appended after the chat prompt, and the model continues them.
+        max_new_tokens: answer length limit; an answer stops earlier at end of turn.
+        greedy: also decode the greedy answer.
+        num_samples: sampled answers per prompt, at ``temperature``, ``top_p``, ``top_k``.
+        suppress_tokens: ids never produced (``tokenizer.all_special_ids`` forbids ending).
+        strip: strip each answer; ``False`` keeps a continuation's leading space or newline,
+            to append it to its stem.
+        batch_size: prompts per prompt pass.
+        generator: a seeded ``torch.Generator`` (on the model's device) makes the samples
+            reproducible.
+
+    Returns:
+        :class:`Answers`.
+    """
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
+    if stems is not None and (isinstance(stems, str) or len(stems) != len(prompts)):
+        raise ValueError(f"stems must be a list of {len(prompts)} strings, one per prompt")
+    greedy = check_bool(greedy, "greedy")
+    strip = check_bool(strip, "strip")
+    num_samples = check_int(num_samples, "num_samples", minimum=0 if greedy else 1,
+                            hint="" if greedy else "(with greedy=False there must be samples)")
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
+    stop = stop_token_ids(model, tokenizer)
+    copies = int(greedy) + num_samples
+    answers = Answers(greedy=[], greedy_logps=[], stopped=[], samples=[])
+    with eval_mode(model):
+        for start in range(0, len(prompts), batch_size):
+            texts = [chat_prompt(tokenizer, p, system) + (stems[start + i] if stems is not None else "")
+                     for i, p in enumerate(prompts[start:start + batch_size])]
+            ids, mask = left_pad([tokenizer(t, add_special_tokens=False).input_ids for t in texts],
+                                 tokenizer.pad_token_id, device=model.device)
+            out, logps = generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  temperature=temperature if num_samples else 0.0, top_p=top_p, top_k=top_k,
+                                  eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, generator=generator,
+                                  num_return_sequences=copies, greedy_first=greedy, suppress_tokens=suppress_tokens,
+                                  output_logps=True)
+            new = out[:, ids.shape[1]:]  # (rows, n)
+            ended = torch.isin(new, torch.tensor(stop, device=new.device))  # (rows, n)
+            # an answer's tokens run up to and including its first end token
+            lengths = torch.where(ended.any(1), ended.long().argmax(1) + 1, new.shape[1]).tolist()
+            decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+            decoded = [t.strip() for t in decoded] if strip else decoded
+            for row in range(0, new.shape[0], copies):
+                if greedy:
+                    answers.greedy.append(decoded[row])
+                    answers.stopped.append(bool(ended[row].any()))
+                    answers.greedy_logps.append(logps[row, : lengths[row]].tolist())
+                if num_samples:
+                    answers.samples.append(decoded[row + int(greedy): row + copies])
+    return answers
+
+

@@ -96,13 +96,10 @@ def train(
     steps: int,
     lr: float = 1e-4,
     optimizer: torch.optim.Optimizer | None = None,
-    weight_decay: float = 0.0,
     warmup_steps: int = 0,
     grad_accum_steps: int = 1,
     max_grad_norm: float | None = 1.0,
-    callback: Callable[[int, History], None] | None = None,
     progress: bool = True,
-    desc: str = "train",
 ) -> History:
     """Train ``model`` for ``steps`` optimiser steps and return the history of metrics.
 
@@ -112,15 +109,12 @@ def train(
         loss_fn: ``loss_fn(model, batch) -> loss`` or ``-> (loss, {name: value})``;
             the batch arrives already on the model's device.
         steps: number of optimiser steps (each sees ``grad_accum_steps`` batches).
-        lr: peak learning rate of the default AdamW optimiser.
+        lr: peak learning rate of the default optimiser, AdamW without weight decay.
         optimizer: use this optimiser instead of the default.
-        weight_decay: AdamW weight decay of the default optimiser.
         warmup_steps: linear warm-up from 0 to ``lr`` over this many steps, then constant.
         grad_accum_steps: batches whose gradients are averaged into one step.
         max_grad_norm: clip the global gradient norm to this; ``None`` to not clip.
-        callback: called as ``callback(step, history)`` after each step.
         progress: show a progress bar.
-        desc: the progress bar's label.
 
     Returns:
         a :class:`History`.
@@ -128,7 +122,6 @@ def train(
     steps = check_int(steps, "steps", minimum=1)
     grad_accum_steps = check_int(grad_accum_steps, "grad_accum_steps", minimum=1)
     lr = check_real(lr, "lr", low=0.0, low_open=True)
-    weight_decay = check_real(weight_decay, "weight_decay", low=0.0)
     warmup_steps = check_int(warmup_steps, "warmup_steps", minimum=0)
     if max_grad_norm is not None:  # 0 would zero every gradient, a negative norm flip them
         max_grad_norm = check_real(max_grad_norm, "max_grad_norm", low=0.0, low_open=True)
@@ -138,7 +131,7 @@ def train(
     if not params:
         raise ValueError("model has no trainable parameters (every parameter has requires_grad=False)")
     if optimizer is None:
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     device = next(iter(params)).device
 
@@ -148,7 +141,7 @@ def train(
     stream = _cycle(batches)
     was_training = model.training
     model.train()
-    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(1, steps + 1), desc="train", disable=not progress, leave=False)
     try:
         for step in bar:
             start = time.perf_counter()
@@ -185,8 +178,6 @@ def train(
                 seconds=time.perf_counter() - start,
             )
             bar.set_postfix(loss=f"{sums['loss']:.4f}")
-            if callback is not None:
-                callback(step, history)
     finally:
         bar.close()
         model.train(was_training)

@@ -4,10 +4,12 @@ quantity must be)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -17,12 +19,15 @@ __all__ = [
     "TOLERANCES",
     "cpu_capability",
     "cpu_has_native_bf16",
+    "eval_mode",
     "peak_bytes",
     "peak_memory_since",
     "peak_memory_start",
     "seed_everything",
     "time_call",
+    "time_interleaved",
     "tolerance",
+    "umask",
 ]
 
 
@@ -124,31 +129,139 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def umask() -> int:
+    """The process's umask (the permission bits new files lose), read without changing it where Linux allows.
+
+    Files written atomically (a temporary file renamed into place) get ``0o666 & ~umask()``,
+    the permissions ``open()`` would have given them; ``tempfile.mkstemp`` alone gives 0600.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, and set it back
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Put ``model`` in eval mode (dropout off) inside the block, and back in its previous mode after.
+
+    Generation and evaluation run inside it, so calling them in the middle of training leaves
+    the model training, and calling them on an evaluating model leaves it evaluating.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def _sync(device: torch.device | None) -> None:
-    if device is not None and device.type == "cuda":
+    """Wait for the work queued on ``device`` (CUDA, MPS); nothing to wait for on the CPU."""
+    if device is None:
+        return
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+_STATISTICS = {"median": statistics.median, "min": min}
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], object]], *, repeat: int = 5, warmup: int = 1,
+                     device=None, statistic: str = "median",
+                     setup: Mapping[str, Callable[[], object]] | None = None) -> dict[str, float]:
+    """Wall-clock seconds of each labelled callable, timed in turns so that all see the same machine.
+
+    Runs ``warmup + repeat`` rounds; in each round every ``fns[label]()`` runs once, in the
+    mapping's order in even rounds and in reverse order in odd ones, so that no callable
+    always runs right after the same other one. The first ``warmup`` rounds are not timed.
+    Because the callables alternate, a change in the machine's load (another job starting,
+    the CPU's clock dropping) hits all of them alike and cancels in their ratio, which
+    timing one callable's runs after the other's does not.
+
+    This is the one timer of the book and its benchmarks (:func:`time_call` is its case of
+    one callable). What is done once and must not be timed (building a batch, an
+    optimiser) belongs outside the callables; what must be redone, untimed, before every
+    run (waiting for a trainer to reach its next step, resetting a cache) goes in
+    ``setup``. Each callable is called exactly ``warmup + repeat`` times, so one can stand
+    for the next step of a training run of that many steps.
+
+    Args:
+        fns: ``{label: fn}``, each ``fn`` callable with no arguments; its result is dropped.
+        repeat: timed runs of each callable (>= 1).
+        warmup: untimed rounds before them (>= 0), for caches, lazy allocation and
+            kernel selection.
+        device: a ``torch.device`` or string; on CUDA (and MPS) the device is synchronised
+            before and after each run, so the time covers the kernels it queued.
+            ``None`` or a CPU device: no synchronisation.
+        statistic: ``"median"`` (the default: robust to a few disturbed runs) or ``"min"``
+            (the least disturbed run, for long runs on a shared machine).
+        setup: ``{label: prepare}`` for some of the labels: ``prepare()`` runs, untimed,
+            right before every run (warm-up or timed) of ``fns[label]``.
+
+    Returns:
+        ``{label: seconds}``, in the order of ``fns``: the ``statistic`` of each callable's
+        ``repeat`` timed runs.
+    """
+    if not isinstance(fns, Mapping):
+        raise TypeError(f"fns must be a dict of label -> callable, got {type(fns).__name__}")
+    if not fns:
+        raise ValueError("fns is empty: pass at least one label -> callable")
+    for label, fn in fns.items():
+        if not isinstance(label, str):
+            raise TypeError(f"fns' labels must be strings, got {type(label).__name__} ({label!r})")
+        if not callable(fn):
+            raise TypeError(f"fns[{label!r}] must be callable with no arguments, got {type(fn).__name__}")
+    repeat = check_int(repeat, "repeat", minimum=1)
+    warmup = check_int(warmup, "warmup", minimum=0)
+    if statistic not in _STATISTICS:
+        raise ValueError(f"statistic must be one of {sorted(_STATISTICS)}, got {statistic!r}")
+    if setup is None:
+        setup = {}
+    if not isinstance(setup, Mapping):
+        raise TypeError(f"setup must be a dict of label -> callable or None, got {type(setup).__name__}")
+    unknown = [label for label in setup if label not in fns]
+    if unknown:
+        raise ValueError(f"setup's labels must be labels of fns {list(fns)}, got {unknown}")
+    for label, prepare in setup.items():
+        if not callable(prepare):
+            raise TypeError(f"setup[{label!r}] must be callable with no arguments, got {type(prepare).__name__}")
+    device = torch.device(device) if device is not None else None
+    labels = list(fns)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for round_ in range(warmup + repeat):
+        for label in labels if round_ % 2 == 0 else reversed(labels):
+            if label in setup:
+                setup[label]()
+            _sync(device)
+            start = time.perf_counter()
+            fns[label]()
+            _sync(device)
+            if round_ >= warmup:
+                times[label].append(time.perf_counter() - start)
+    return {label: _STATISTICS[statistic](times[label]) for label in labels}
 
 
 def time_call(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1, device=None) -> float:
     """Median wall-clock seconds of ``fn()`` over ``repeat`` runs, after ``warmup`` runs.
 
     On CUDA the device is synchronised around each run so the time covers the kernels.
+    The case of one callable of :func:`time_interleaved`; to compare two computations,
+    time them together with that instead.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable with no arguments, got {type(fn).__name__}")
-    repeat = check_int(repeat, "repeat", minimum=1)
-    warmup = check_int(warmup, "warmup", minimum=0)
-    device = torch.device(device) if device is not None else None
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time_interleaved({"fn": fn}, repeat=repeat, warmup=warmup, device=device)["fn"]
 
 
 def _proc_status(field: str) -> int:
