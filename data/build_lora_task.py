@@ -13,7 +13,7 @@ and words that never occur in training, so a model that passes them has learnt t
 format and the extraction, not memorised answers.
 
 Run from the repository root: ``python data/build_lora_task.py`` (deterministic).
-Chapters 3 (LoRA) and 4 (prefix tuning) train on this task via ``llmbook.tasks``.
+Chapters 3 (LoRA) and 4 (prefix tuning) train on this task via ``llmbook.extraction``.
 """
 
 from __future__ import annotations

@@ -216,6 +216,8 @@ BAD = [
     ("answer_logps-float-labels", lambda c: losses.answer_logps(c.tiny, {"input_ids": c.labels.clamp(min=0),
                                                                         "labels": c.labels.float()}), TypeError,
      "labels must be an integer tensor"),
+    ("token_logratios-no-lora", lambda c: dpo.token_logratios(c.tiny, c.pref_batch()), ValueError,
+     "model has no LoRA layers, so it cannot serve as its own reference"),
     ("reference_logps-no-lora", lambda c: dpo.reference_logps(c.tiny, c.pref_batch()), ValueError,
      "model has no LoRA layers, so it cannot serve as its own reference: pass ref_model"),
     ("with_reference_logps-no-lora", lambda c: dpo.with_reference_logps(c.tiny, [c.pref_batch()]), ValueError,

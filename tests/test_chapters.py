@@ -78,3 +78,13 @@ def test_model_comparisons_take_their_tolerance_from_the_table(path):
         picked = re.search(r"rtol=([0-9.e-]+)", call)
         if picked and float(picked.group(1)) != 0 and ("logits" in call or "loss" in call):
             pytest.fail(f"{path.stem}: {' '.join(call.split())[:120]} picks its own tolerance")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapters_call_the_package_instead_of_rewriting_it(path):
+    # Batched answering (left padding, eval mode, decoding) is llmbook.sampling.generate_answers,
+    # positions from a mask are llmbook.sampling.position_ids: a chapter that needs them calls them.
+    code = _code(path)
+    for written, home in (("padding_side =", "sampling.generate_answers"), ("was_training", "utils.eval_mode"),
+                          ("attention_mask.cumsum(", "sampling.position_ids")):
+        assert written not in code, f"{path.stem} writes {written!r} itself; call llmbook's {home}"

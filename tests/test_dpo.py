@@ -328,6 +328,23 @@ def test_batch_keys_and_a_reference_are_required(small_batch):
         dpo.compute_loss(tiny(0, 256), small_batch, beta=0, ref_model=tiny(1, 256))
 
 
+def test_token_logratios_sum_to_the_policy_minus_the_reference(small_batch):
+    # The reference: torch's cross-entropy of the trained policy and of a separate copy of the base model.
+    base = tiny(0, 256)
+    policy = with_lora(copy.deepcopy(base), scale=0.5)
+    want = []
+    with torch.no_grad():
+        for net in (policy, base):
+            want.append(torch.cat([torch_sequence_logps(net(input_ids=small_batch[f"{s}_input_ids"],
+                                                            attention_mask=small_batch[f"{s}_attention_mask"]).logits,
+                                                        small_batch[f"{s}_labels"]) for s in ("chosen", "rejected")]))
+    for ref_model in (None, base):        # adapters off, or the separate copy
+        ratios, mask = dpo.token_logratios(policy, small_batch, ref_model=ref_model)
+        assert (ratios[~mask] == 0).all()
+        torch.testing.assert_close(ratios.sum(1), want[0] - want[1], rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(want[0], want[1], atol=1e-2), "the adapters changed the policy"
+
+
 # ---------------------------------------------------------------- the data set
 
 def test_preference_file_is_the_generators_output_and_teaches_one_rule():

@@ -6,7 +6,6 @@ probabilities, the SFT loss), and answers written by hand.
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import pytest

@@ -433,7 +433,7 @@ def test_greedy_first_decodes_one_row_greedily_without_changing_the_samples(tiny
     assert torch.equal(mixed[0::4], greedy)
     # the other rows are drawn as if no row were greedy, as long as the rows' draws do not depend on each other
     keep = torch.arange(8) % 4 != 0
-    assert torch.equal(mixed[keep][:, :6], sampled[keep][:, :6])
+    assert torch.equal(mixed[keep], sampled[keep])
 
 
 def test_output_logps_are_the_models_log_probabilities_of_the_new_tokens(tiny):

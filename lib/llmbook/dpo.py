@@ -1,29 +1,26 @@
 r"""DPO: direct preference optimisation (Rafailov et al., 2023, arXiv 2305.18290).
 
-Given a prompt :math:`x`, a preferred answer :math:`y_w` and a dispreferred one
-:math:`y_l`, DPO trains the policy :math:`\pi_\theta` directly on the pair, with no
+Given a prompt $x$, a preferred answer $y_w$ and a dispreferred one
+$y_l$, DPO trains the policy $\pi_\theta$ directly on the pair, with no
 reward model and no sampling:
 
-.. math::
-    r_\theta(x, y) = \beta \log \frac{\pi_\theta(y \mid x)}{\pi_{\mathrm{ref}}(y \mid x)},
-    \qquad
-    \mathcal{L}_{\mathrm{DPO}} = -\log \sigma\big(r_\theta(x, y_w) - r_\theta(x, y_l)\big)
+$$r_\theta(x, y) = \beta \log \frac{\pi_\theta(y \mid x)}{\pi_{\mathrm{ref}}(y \mid x)}, \qquad \mathcal{L}_{\mathrm{DPO}} = -\log \sigma\big(r_\theta(x, y_w) - r_\theta(x, y_l)\big)$$
 
-:math:`r_\theta` is the *implicit reward*: how much more likely the policy makes an
-answer than the frozen reference :math:`\pi_{\mathrm{ref}}` (the starting model) did,
-scaled by :math:`\beta`. :math:`\log \pi(y \mid x)` is a *sum* over the answer's tokens
+$r_\theta$ is the *implicit reward*: how much more likely the policy makes an
+answer than the frozen reference $\pi_{\mathrm{ref}}$ (the starting model) did,
+scaled by $\beta$. $\log \pi(y \mid x)$ is a *sum* over the answer's tokens
 (the prompt is masked), exactly as TRL computes it.
 
 The flow (chapter 7 draws it from real tensors):
 
 1. concatenate ``[x + y_w; x + y_l]`` along the batch: one ``(2B, T)`` forward;
 2. gather each answer token's log-probability from the logits (prompt masked), sum;
-3. split into chosen and rejected, subtract the reference's, scale by :math:`\beta`;
-4. loss :math:`-\log\sigma(r_w - r_l)`.
+3. split into chosen and rejected, subtract the reference's, scale by $\beta$;
+4. loss $-\log\sigma(r_w - r_l)$.
 
 Its gradient is
-:math:`-\beta\,\sigma(r_l - r_w)\,[\nabla\log\pi_\theta(y_w) - \nabla\log\pi_\theta(y_l)]`:
-the *dynamic coefficient* :math:`\sigma(r_l - r_w)` is large on pairs the implicit reward
+$-\beta\,\sigma(r_l - r_w)\,[\nabla\log\pi_\theta(y_w) - \nabla\log\pi_\theta(y_l)]$:
+the *dynamic coefficient* $\sigma(r_l - r_w)$ is large on pairs the implicit reward
 still orders wrongly and small on pairs it already gets right.
 
 Names follow TRL (``chosen_logps``, ``ref_chosen_logps``, ``rewards/margins``, ...), so
@@ -33,6 +30,7 @@ every piece.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -52,6 +50,7 @@ __all__ = [
     "reference_logps",
     "reward_metrics",
     "sequence_logps",
+    "token_logratios",
     "with_reference_logps",
 ]
 
@@ -69,9 +68,9 @@ def _check_every_row_has_answer(labels: torch.Tensor, ignore_index: int = IGNORE
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    r"""Sum of the response tokens' log-probabilities: :math:`\log\pi(y \mid x)` per sequence.
+    r"""Sum of the response tokens' log-probabilities: $\log\pi(y \mid x)$ per sequence.
 
-    .. math::  \log \pi(y \mid x) = \sum_{t:\ \mathrm{label}_{t+1} \ne -100} \log p_\theta(\mathrm{label}_{t+1} \mid \mathrm{tokens}_{\le t})
+    $$\log \pi(y \mid x) = \sum_{t:\ \mathrm{label}_{t+1} \ne -100} \log p_\theta(\mathrm{label}_{t+1} \mid \mathrm{tokens}_{\le t})$$
 
     Labels are shifted inside (the model's convention): give the same ``(B, T)``
     labels the model's own loss takes. A sum, not a mean, as in the DPO paper and TRL.
@@ -164,16 +163,13 @@ def dpo_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""The DPO loss of each pair, and the implicit rewards.
 
-    .. math::
-        r_w = \beta\,(\log\pi_\theta(y_w) - \log\pi_{\mathrm{ref}}(y_w)),\quad
-        r_l = \beta\,(\log\pi_\theta(y_l) - \log\pi_{\mathrm{ref}}(y_l)),\quad
-        \ell = -\log\sigma(r_w - r_l)
+    $$r_w = \beta\,(\log\pi_\theta(y_w) - \log\pi_{\mathrm{ref}}(y_w)),\quad r_l = \beta\,(\log\pi_\theta(y_l) - \log\pi_{\mathrm{ref}}(y_l)),\quad \ell = -\log\sigma(r_w - r_l)$$
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``(B,)`` summed log-probabilities
             under the policy (with gradient).
         ref_chosen_logps, ref_rejected_logps: ``(B,)`` the same under the frozen reference.
-        beta: :math:`\beta > 0`, the scale of the implicit reward (how strongly the
+        beta: $\beta > 0$, the scale of the implicit reward (how strongly the
             policy is tied to the reference).
 
     Returns:
@@ -254,12 +250,43 @@ def reference_logps(
     switched off (:func:`llmbook.lora.disable_lora`): the same weights the policy
     started from, so no second copy of the model is needed.
     """
+    with _reference(model, ref_model) as reference:
+        return concatenated_forward(reference, batch)
+
+
+@contextlib.contextmanager
+def _reference(model: torch.nn.Module, ref_model: torch.nn.Module | None):
+    """The module that computes the reference: ``ref_model``, else ``model`` with its LoRA adapters off."""
     if ref_model is not None:
-        return concatenated_forward(ref_model, batch)
+        yield ref_model
+        return
     if not lora_layers(model):
         raise ValueError("model has no LoRA layers, so it cannot serve as its own reference: pass ref_model")
     with disable_lora(model):
-        return concatenated_forward(model, batch)
+        yield model
+
+
+@torch.no_grad()
+def token_logratios(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], ref_model: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Each answer token's $\log \pi_\theta(y_t \mid x, y_{<t}) - \log \pi_{\mathrm{ref}}(y_t \mid x, y_{<t})$.
+
+    Rows are ``[chosen; rejected]`` as in :func:`concatenated_inputs`; summed over a row's
+    tokens, the log-ratios give its implicit reward divided by $\beta$. Where the reward
+    comes from, token by token, is what chapter 7 looks at with it.
+
+    Returns:
+        ``(logratios, mask)``, both ``(2B, K - 1)``: the columns of the labels' last ``K - 1``
+        positions (:func:`llmbook.losses.answer_logps`), 0 and ``False`` off the answers.
+    """
+    inputs = concatenated_inputs(batch)
+    _check_every_row_has_answer(inputs["labels"])
+    with eval_mode(model):
+        policy, mask = losses.answer_logps(model, inputs)
+        with _reference(model, ref_model) as reference:
+            ref, _ = losses.answer_logps(reference, inputs)
+    return policy - ref, mask
 
 
 def with_reference_logps(

@@ -140,7 +140,7 @@ def accuracy(correct: Sequence[bool]) -> float:
 
 
 def confident_wrong_rate(correct: Sequence[bool], confidence: Sequence[float], threshold: float = 0.5) -> float:
-    r"""The share of answers that are wrong *and* have confidence :math:`\ge` ``threshold``.
+    r"""The share of answers that are wrong *and* have confidence $\ge$ ``threshold``.
 
     With ``confidence`` the probability of the greedy answer, this counts the answers
     the model states as if it knew them, but which are false.

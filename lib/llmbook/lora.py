@@ -1,16 +1,15 @@
 r"""LoRA: low-rank adaptation of linear layers (Hu et al., 2021, arXiv 2106.09685).
 
-Fine-tuning changes a weight matrix by some :math:`\Delta W`; LoRA bets that this change
+Fine-tuning changes a weight matrix by some $\Delta W$; LoRA bets that this change
 has low rank and writes it as a product of two thin matrices:
 
-.. math::  W_{\mathrm{merge}} = W + \Delta W = W + \frac{\alpha}{r} B A,
-           \qquad A \in \mathbb{R}^{r \times d_{in}},\; B \in \mathbb{R}^{d_{out} \times r}
+$$W_{\mathrm{merge}} = W + \Delta W = W + \frac{\alpha}{r} B A, \qquad A \in \mathbb{R}^{r \times d_{in}},\; B \in \mathbb{R}^{d_{out} \times r}$$
 
-:math:`W` stays frozen; only :math:`A` and :math:`B` train. :math:`A` starts random
-(Kaiming-uniform, as in PEFT) and :math:`B` at zero, so the wrapped layer starts out
-exactly equal to the original. :math:`\alpha/r` (``scaling``) sets how large an update
-a given :math:`A, B` makes. For inference, :math:`\Delta W` can be added into
-:math:`W` once (``merge``) so the layer costs no more than the original.
+$W$ stays frozen; only $A$ and $B$ train. $A$ starts random
+(Kaiming-uniform, as in PEFT) and $B$ at zero, so the wrapped layer starts out
+exactly equal to the original. $\alpha/r$ (``scaling``) sets how large an update
+a given $A, B$ makes. For inference, $\Delta W$ can be added into
+$W$ once (``merge``) so the layer costs no more than the original.
 
 Names follow PEFT (``lora_A``, ``lora_B``, ``lora_alpha``, ``scaling``, ``merge``,
 ``unmerge``) so the tests can compare ours with PEFT's layer one to one.
@@ -46,12 +45,12 @@ def _check_settings(r, lora_alpha, lora_dropout) -> tuple[int, float, float]:
 
 
 class LoRALinear(nn.Module):
-    r"""A frozen ``nn.Linear`` plus a trainable low-rank update :math:`\frac{\alpha}{r} B A`.
+    r"""A frozen ``nn.Linear`` plus a trainable low-rank update $\frac{\alpha}{r} B A$.
 
     Args:
         base: the linear layer to adapt; its weights are frozen.
         r: the rank of the update (an integer >= 1).
-        lora_alpha: the numerator of the scaling :math:`\alpha / r` (> 0).
+        lora_alpha: the numerator of the scaling $\alpha / r$ (> 0).
         lora_dropout: dropout probability on the input of the LoRA branch, in [0, 1).
     """
 
@@ -99,7 +98,7 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def delta_weight(self) -> torch.Tensor:
-        r"""The update :math:`\Delta W = \frac{\alpha}{r} B A`, shape ``(out_features, in_features)``."""
+        r"""The update $\Delta W = \frac{\alpha}{r} B A$, shape ``(out_features, in_features)``."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +112,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add :math:`\\Delta W` into the base weight, so inference costs one matmul."""
+        """Add $\\Delta W$ into the base weight, so inference costs one matmul."""
         if self.merged:
             raise RuntimeError("this LoRALinear is already merged")
         self.base.weight += self.delta_weight().to(self.base.weight.dtype)
@@ -121,7 +120,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract :math:`\\Delta W` again, restoring the base weight (up to rounding)."""
+        """Subtract $\\Delta W$ again, restoring the base weight (up to rounding)."""
         if not self.merged:
             raise RuntimeError("this LoRALinear is not merged")
         self.base.weight -= self.delta_weight().to(self.base.weight.dtype)

@@ -1,30 +1,30 @@
 r"""Prefix-tuning: trainable virtual tokens in every layer's keys and values (Li & Liang, 2021, arXiv 2101.00190).
 
-The base model stays frozen. In front of the prompt sit :math:`n` *virtual tokens* that
-have no word, no embedding in the vocabulary and no position: each layer :math:`\ell`
-simply gets :math:`n` extra keys :math:`P_K^\ell` and values :math:`P_V^\ell` that every
+The base model stays frozen. In front of the prompt sit $n$ *virtual tokens* that
+have no word, no embedding in the vocabulary and no position: each layer $\ell$
+simply gets $n$ extra keys $P_K^\ell$ and values $P_V^\ell$ that every
 real token can attend to,
 
-.. math::  \mathrm{head} = \mathrm{softmax}\!\Big(\frac{Q\,[P_K^\ell;\,K]^\top}{\sqrt{d_h}}\Big)\,[P_V^\ell;\,V].
+$$\mathrm{head} = \mathrm{softmax}\!\Big(\frac{Q\,[P_K^\ell;\,K]^\top}{\sqrt{d_h}}\Big)\,[P_V^\ell;\,V].$$
 
 With grouped-query attention a layer stores only ``num_key_value_heads`` key/value heads,
-so the per-layer width of :math:`P_K^\ell` and :math:`P_V^\ell` is
+so the per-layer width of $P_K^\ell$ and $P_V^\ell$ is
 ``kv_dim = num_key_value_heads * head_dim`` (3 x 64 = 192 on SmolLM2), not the hidden size.
 
-Trained directly, the prefix has :math:`n \cdot L \cdot 2 \cdot \mathrm{kv\_dim}` parameters.
+Trained directly, the prefix has $n \cdot L \cdot 2 \cdot \mathrm{kv\_dim}$ parameters.
 The paper found training more stable when the prefix is *reparameterised*: a small
-embedding :math:`E \in \mathbb{R}^{n \times d}` goes through a two-layer MLP
-:math:`d \to d' \to L \cdot 2 \cdot \mathrm{kv\_dim}`, so the trainable count becomes
+embedding $E \in \mathbb{R}^{n \times d}$ goes through a two-layer MLP
+$d \to d' \to L \cdot 2 \cdot \mathrm{kv\_dim}$, so the trainable count becomes
 
-.. math::  n d + (d d' + d') + (d' + 1)\, L \cdot 2 \cdot \mathrm{kv\_dim}.
+$$n d + (d d' + d') + (d' + 1)\, L \cdot 2 \cdot \mathrm{kv\_dim}.$$
 
 After training the MLP is no longer needed: its output, the prefix itself, is computed
 once and stored (:meth:`PrefixEncoder.fold`), and inference costs the same as without it.
 
 The prefix reaches the model through its key/value cache: :class:`PrefixTuningModel`
-puts :math:`P_K^\ell, P_V^\ell` into a ``transformers.DynamicCache`` as if :math:`n`
-tokens had been processed already, prepends :math:`n` ones to the attention mask and
-numbers the real tokens from position :math:`n` on, as PEFT does. Parameter layout and
+puts $P_K^\ell, P_V^\ell$ into a ``transformers.DynamicCache`` as if $n$
+tokens had been processed already, prepends $n$ ones to the attention mask and
+numbers the real tokens from position $n$ on, as PEFT does. Parameter layout and
 names (``embedding``, ``transform``) follow PEFT's ``PrefixEncoder``, so tests can copy
 tensors one to one. Chapter 4 explains every piece.
 """
@@ -49,18 +49,18 @@ def prefix_parameter_count(
     r"""Number of trainable parameters of prefix-tuning.
 
     Without reparameterisation the prefix is the parameter:
-    :math:`n \cdot L \cdot 2 \cdot \mathrm{kv\_dim}` (also what is stored after training,
-    with or without the MLP). With ``projection_dim`` :math:`d'` the embedding
-    :math:`n \times d` and the MLP :math:`d \to d' \to L \cdot 2 \cdot \mathrm{kv\_dim}`
+    $n \cdot L \cdot 2 \cdot \mathrm{kv\_dim}$ (also what is stored after training,
+    with or without the MLP). With ``projection_dim`` $d'$ the embedding
+    $n \times d$ and the MLP $d \to d' \to L \cdot 2 \cdot \mathrm{kv\_dim}$
     (both linear layers with bias) are trained instead:
-    :math:`n d + d d' + d' + d' \cdot 2L\,\mathrm{kv\_dim} + 2L\,\mathrm{kv\_dim}`.
+    $n d + d d' + d' + d' \cdot 2L\,\mathrm{kv\_dim} + 2L\,\mathrm{kv\_dim}$.
 
     Args:
-        num_virtual_tokens: :math:`n`, the number of virtual tokens (>= 1).
-        num_layers: :math:`L`, the number of decoder layers (>= 1).
+        num_virtual_tokens: $n$, the number of virtual tokens (>= 1).
+        num_layers: $L$, the number of decoder layers (>= 1).
         kv_dim: per-layer key (and value) width, ``num_key_value_heads * head_dim`` (>= 1).
-        projection_dim: :math:`d'`, the MLP's hidden width, or ``None`` for no MLP.
-        token_dim: :math:`d`, the virtual-token embedding width when the MLP is used;
+        projection_dim: $d'$, the MLP's hidden width, or ``None`` for no MLP.
+        token_dim: $d$, the virtual-token embedding width when the MLP is used;
             ``None`` means ``kv_dim`` (PEFT's default). Only valid with ``projection_dim``.
 
     Returns:
@@ -114,19 +114,19 @@ class PrefixEncoder(nn.Module):
     Without ``projection_dim`` the parameter ``embedding.weight`` *is* the prefix, shape
     ``(n, L * 2 * kv_dim)``, laid out per virtual token as (layer, K or V, head, head_dim),
     as in PEFT. With ``projection_dim`` it is a small ``(n, token_dim)`` embedding and
-    ``transform`` (Linear :math:`d \to d'`, tanh, Linear :math:`d' \to L \cdot 2 \cdot
-    \mathrm{kv\_dim}`) computes the prefix from it.
+    ``transform`` (Linear $d \to d'$, tanh, Linear $d' \to L \cdot 2 \cdot
+    \mathrm{kv\_dim}$) computes the prefix from it.
 
     Initialisation follows PEFT: the embedding is standard normal, the linear layers use
     PyTorch's default.
 
     Args:
-        num_virtual_tokens: :math:`n` (>= 1).
-        num_layers: :math:`L`, decoder layers of the model (>= 1).
+        num_virtual_tokens: $n$ (>= 1).
+        num_layers: $L$, decoder layers of the model (>= 1).
         num_kv_heads: key/value heads per layer (>= 1).
         head_dim: width of one head (>= 1).
-        projection_dim: :math:`d'`, the MLP's hidden width, or ``None`` (no MLP).
-        token_dim: :math:`d`, the embedding width with the MLP; default ``kv_dim``.
+        projection_dim: $d'$, the MLP's hidden width, or ``None`` (no MLP).
+        token_dim: $d$, the embedding width with the MLP; default ``kv_dim``.
     """
 
     def __init__(
@@ -176,9 +176,9 @@ class PrefixEncoder(nn.Module):
     def forward(self) -> torch.Tensor:
         r"""Every layer's prefix keys and values, shape ``(L, 2, num_kv_heads, n, head_dim)``.
 
-        ``out[l, 0]`` is :math:`P_K^\ell` and ``out[l, 1]`` is :math:`P_V^\ell`, each
+        ``out[l, 0]`` is $P_K^\ell$ and ``out[l, 1]`` is $P_V^\ell$, each
         ``(num_kv_heads, n, head_dim)``: the layout of one batch row of a layer's cache.
-        The MLP runs once for the :math:`n` tokens, not once per batch row.
+        The MLP runs once for the $n$ tokens, not once per batch row.
         """
         n, h, hd = self.num_virtual_tokens, self.num_kv_heads, self.head_dim
         flat = self.flat_prefix()                                    # (n, L*2*kv_dim)
@@ -236,7 +236,7 @@ class PrefixTuningModel(nn.Module):
     Args:
         model: a transformers causal LM whose forward takes ``cache=`` (any decoder whose
             layers all use full attention). Its parameters are frozen.
-        num_virtual_tokens: :math:`n`, for a new :class:`PrefixEncoder`.
+        num_virtual_tokens: $n$, for a new :class:`PrefixEncoder`.
         projection_dim, token_dim: as in :class:`PrefixEncoder`.
         encoder: use this encoder instead of making one (its shapes must fit the model).
     """
@@ -317,7 +317,7 @@ class PrefixTuningModel(nn.Module):
         r"""Start the prefix from the keys and values of real tokens (Li & Liang's initialisation).
 
         ``token_ids`` must hold exactly ``num_virtual_tokens`` tokens. Because the real
-        tokens are numbered from position :math:`n` on, the model then computes exactly
+        tokens are numbered from position $n$ on, the model then computes exactly
         what the base model computes with those tokens in front of the input. Needs an
         encoder without the MLP; returns ``self``.
         """

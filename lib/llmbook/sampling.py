@@ -400,7 +400,8 @@ def generate(
             then prompt 1's, ...) share it.
         greedy_first: decode the first row of each prompt greedily and sample the others
             (one prompt pass gives the greedy answer and the samples). Every row is drawn
-            from the generator all the same, so the samples do not depend on it.
+            from the generator all the same, so the generator advances as it would without
+            greedy rows (on the CPU the samples are then the same, a test checks).
         suppress_tokens: ids that are never produced (their logits set to $-\infty$ first).
         output_logps: also return each new token's log-probability under the model's own
             distribution (temperature 1, no filter, no suppression).
