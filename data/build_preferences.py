@@ -154,4 +154,6 @@ def build(model=None, tokenizer=None, seed: int = SEED) -> list[dict]:
 
 
 if __name__ == "__main__":  # data/build.py writes the file
-    __import__("build").main([__file__])
+    from build import main
+
+    main([__file__])
