@@ -444,7 +444,7 @@ THROUGH_CTX = {"dpo.dpo_loss": "c.dpo_loss", "lora.LoRALinear": "c.lora_linear",
                "train.History": "c.history"}
 NO_ARGUMENTS = {
     "data.data_dir", "models.cache_dir", "models.pick_device", "models.ModelCacheError",
-    "models.ModelNotAvailableError", "plots.use_style", "utils.cpu_capability", "utils.umask", "sampling.Answers",
+    "models.ModelNotAvailableError", "plots.use_style", "utils.cpu_capability", "utils.umask", "utils.LiveTensorBytes", "sampling.Answers",
     "utils.peak_memory_start", "utils.peak_memory_since",  # a device (torch names a bad one) and a count it returned
     "train.move_to",  # any value: what is not a tensor, dict, list or tuple is returned as it is
     "prefix.prefix_kv_shape",  # a transformers config; tests/test_prefix.py checks its refusals

@@ -47,6 +47,14 @@ def test_chapter_has_checks_figures_and_folded_solutions(path):
     solutions = [c for c in nb["cells"] if "hide-cell" in c.get("metadata", {}).get("tags", [])]
     assert solutions and all(c["cell_type"] == "code" and c["outputs"] for c in solutions), \
         "solutions are folded code cells that were executed"
+    # The prose of a solution is folded too: a dropdown, never an open paragraph with the answer.
+    import re
+
+    prose = [c for c in nb["cells"] if c["cell_type"] == "markdown" and "Solution" in "".join(c["source"])[:40]]
+    assert len(prose) == len(solutions), "each folded solution code cell has its folded prose"
+    for cell in prose:
+        assert re.match(r"```\{admonition\} Solution \d+\n:class: dropdown\n", "".join(cell["source"])), \
+            f"solution prose must be a dropdown: {''.join(cell['source'])[:60]!r}"
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)

@@ -174,3 +174,22 @@ def test_a_real_mistake_fails_the_model_tolerance():
 def test_tolerance_rejects_bad_input(dtype, kind, error):
     with pytest.raises(error, match="kind|dtype"):
         utils.tolerance(dtype, kind)
+
+
+def test_live_tensor_bytes_counts_new_storage_not_views():
+    # Closed form: 1000 float32 = 4000 bytes; a view adds nothing; a second tensor adds 4000 more.
+    from llmbook.utils import LiveTensorBytes
+
+    with LiveTensorBytes() as tracker:
+        a = torch.ones(1000)
+        view = a[:10]
+        b = a * 2
+        del view
+    assert tracker.curve == [0, 4000, 4000, 8000]
+    del a
+    with LiveTensorBytes() as tracker:
+        c = b + 1           # 4000 bytes alive
+        del c
+        d = b * 3           # c freed before this: the count stays at one tensor
+    assert tracker.curve == [0, 4000, 4000] and d.numel() == 1000
+

@@ -77,9 +77,12 @@ def log_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     Subtracting the maximum $m$ leaves the result unchanged (numerator and denominator
     of the softmax are both multiplied by $e^{-m}$) but makes every exponent $\le 0$:
     no $e^{x}$ can overflow, and the largest term of the sum is exactly 1, so the
-    logarithm never sees 0. The naive ``log(softmax(x))`` instead overflows
-    (inf, then NaN) for large logits and underflows (``log 0 = -inf``) for small
-    probabilities, which fp16 and bf16 reach on ordinary logits (chapter 2).
+    logarithm never sees 0. The naive ``log(e^x / sum e^x)`` instead overflows (inf,
+    then NaN) for large logits, which fp16 reaches on ordinary logits and every dtype on
+    logits scaled by 10 (a temperature of 0.1); ``log(softmax(x))`` underflows
+    (``log 0 = -inf``) for small probabilities (chapter 2 counts both). Half-precision
+    inputs are computed in float32 and the result rounded to their dtype, as torch's
+    kernel does, so the error is that rounding alone.
 
     Args:
         logits: floating tensor, any shape.

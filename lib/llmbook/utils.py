@@ -12,10 +12,12 @@ import time
 from collections.abc import Callable, Mapping
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmbook._checks import check_int, check_real
 
 __all__ = [
+    "LiveTensorBytes",
     "TOLERANCES",
     "cpu_capability",
     "cpu_has_native_bf16",
@@ -305,3 +307,34 @@ def peak_bytes(fn: Callable[[], object], device) -> int:
     start = peak_memory_start(device)
     fn()
     return peak_memory_since(device, start)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the tensors created inside the ``with`` block that are alive after each operation.
+
+    A ``TorchDispatchMode`` sees every operation PyTorch runs, forward and backward. After
+    each one it adds up the storage of every tensor created since the block began that is
+    still referenced; ``curve`` is that sum after each operation (starting at 0), so
+    ``max(curve)`` is the peak of live tensor memory, counted the same way on any device.
+    A view shares its input's storage and adds nothing; a storage is dropped from the
+    count at the first operation after it was freed. Chapter 2 draws the curve of a loss's
+    forward and backward with it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.alive, self.curve = {}, [0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._pytree import tree_leaves
+
+        out = func(*args, **(kwargs or {}))
+        inputs = {StorageWeakRef(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if torch.is_tensor(t)}
+        for ref in [r for r in self.alive if r.expired()]:
+            del self.alive[ref]  # freed since the last operation
+        for t in tree_leaves(out):
+            if torch.is_tensor(t) and StorageWeakRef(t.untyped_storage()) not in inputs:  # views are not new memory
+                self.alive.setdefault(StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
+        self.curve.append(sum(self.alive.values()))
+        return out
