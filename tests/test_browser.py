@@ -159,12 +159,19 @@ class PageReport:
     ids: set[str] = field(default_factory=set)
     folded_open: int = 0
     folded: int = 0
+    dropdowns: int = 0
+    dropdowns_open: int = 0
     headings: list[str] = field(default_factory=list)
     sidebar: list[str] = field(default_factory=list)
     next_link: str | None = None
     mathjax_version: str | None = None
     goals_first: bool = False
 
+
+# For each dropdown admonition in the page: whether any of its body (all but the title) is visible.
+DROPDOWNS_JS = r"""() => [...document.querySelectorAll('main .dropdown.admonition')].map(a =>
+    [...a.children].filter(c => !c.classList.contains('admonition-title') && c.tagName !== 'BUTTON')
+        .some(c => c.getClientRects().length > 0 && getComputedStyle(c).visibility !== 'hidden'))"""
 
 # MathJax left alone would show its delimiters; code, outputs and MathJax's own output are skipped.
 MATH_JS = r"""() => {
@@ -254,6 +261,9 @@ def read_page(context, origin: str, statuses: list, blocked: list, page: str) ->
             "return MathJax.version; } return null; }")
         folded = tab.evaluate("() => [...document.querySelectorAll('main details')].map(d => d.open)")
         report.folded, report.folded_open = len(folded), sum(folded)
+        # Dropdown admonitions (a solution's prose): is any of their text shown before a click?
+        dropdowns = tab.evaluate(DROPDOWNS_JS)
+        report.dropdowns, report.dropdowns_open = len(dropdowns), sum(dropdowns)
         SHOTS.mkdir(parents=True, exist_ok=True)
         tab.screenshot(path=SHOTS / f"{slug(page)}.png")
         # Open what is folded, so that the images and equations inside are checked too.
@@ -435,6 +445,8 @@ def test_chapter_reads_like_a_chapter(reader, page):
     for section in ("Summary", "Exercises"):
         assert any(h.startswith(section) for h in report.headings), f"no '{section}' section: {report.headings}"
     assert report.folded > 0 and report.folded_open == 0, "solutions are folded until the reader opens them"
+    assert report.dropdowns >= 3 and report.dropdowns_open == 0, \
+        f"a solution's prose is folded too ({report.dropdowns_open} of {report.dropdowns} dropdowns show their text)"
     assert any(img["ok"] and img["width"] > 100 for img in report.images), "a chapter shows a figure"
 
 
