@@ -96,3 +96,9 @@ def test_chapters_call_the_package_instead_of_rewriting_it(path):
     for written, home in (("padding_side =", "sampling.generate_answers"), ("was_training", "utils.eval_mode"),
                           ("attention_mask.cumsum(", "sampling.position_ids")):
         assert written not in code, f"{path.stem} writes {written!r} itself; call llmbook's {home}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_tables_are_rendered_not_printed(path):
+    # A printed DataFrame (to_string) is a wide block of text that the page cuts off; display() renders a table.
+    assert ".to_string()" not in _code(path), f"{path.stem}: display the DataFrame instead of printing it"
