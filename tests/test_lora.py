@@ -12,12 +12,12 @@ from llmbook.models import tiny_model
 IDS = torch.tensor([[5, 17, 3, 99, 42, 7], [1, 2, 3, 4, 5, 6]])
 
 
-def pair(r=4, alpha=8, targets=("q_proj", "v_proj"), seed=0):
+def pair(r=4, alpha=8, targets=("q_proj", "v_proj"), seed=0, use_rslora=False):
     """Our LoRA model and PEFT's, on identical base weights, with identical non-zero A and B."""
     base = tiny_model(seed=seed)
-    ours = lora.apply_lora(copy.deepcopy(base), list(targets), r=r, lora_alpha=alpha)
+    ours = lora.apply_lora(copy.deepcopy(base), list(targets), r=r, lora_alpha=alpha, use_rslora=use_rslora)
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
-                                                             lora_dropout=0.0))
+                                                             lora_dropout=0.0, use_rslora=use_rslora))
     gen = torch.Generator().manual_seed(seed + 1)
     peft_layers = {n: m for n, m in theirs.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
     for name, layer in ((n, m) for n, m in ours.named_modules() if isinstance(m, lora.LoRALinear)):
@@ -58,6 +58,16 @@ def test_same_A_and_B_give_peft_outputs(r, alpha):
     out = logits(ours)
     assert not torch.allclose(out, logits(base), atol=1e-4), "B is non-zero, so the output must change"
     torch.testing.assert_close(out, logits(theirs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("r", [1, 4, 8])
+def test_rslora_scaling_and_outputs_match_peft(r):
+    base, ours, theirs = pair(r=r, alpha=8, use_rslora=True)
+    layer = lora.lora_layers(ours)[0]
+    peft_layer = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling == peft_layer.scaling["default"] == 8 / r ** 0.5
+    torch.testing.assert_close(layer.delta_weight(), peft_layer.get_delta_weight("default"))
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
 
 
 def test_delta_weight_equals_peft_and_the_seed_notation():
@@ -136,6 +146,7 @@ def test_with_B_zero_only_B_gets_a_gradient():
     ({"r": 100, "lora_alpha": 8}, ValueError, "at most"),
     ({"r": 2, "lora_alpha": 0}, ValueError, "lora_alpha"),
     ({"r": 2, "lora_alpha": 4, "lora_dropout": 1.0}, ValueError, "lora_dropout"),
+    ({"r": 2, "lora_alpha": 4, "use_rslora": 1}, TypeError, "use_rslora must be True or False"),
 ])
 def test_bad_arguments_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):

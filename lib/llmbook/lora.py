@@ -8,7 +8,8 @@ $$W_{\mathrm{merge}} = W + \Delta W = W + \frac{\alpha}{r} B A, \qquad A \in \ma
 $W$ stays frozen; only $A$ and $B$ train. $A$ starts random
 (Kaiming-uniform, as in PEFT) and $B$ at zero, so the wrapped layer starts out
 exactly equal to the original. $\alpha/r$ (``scaling``) sets how large an update
-a given $A, B$ makes. For inference, $\Delta W$ can be added into
+a given $A, B$ makes; rank-stabilised LoRA (rsLoRA, Kalajdzievski, 2023,
+arXiv 2312.03732; ``use_rslora=True``) divides by $\sqrt{r}$ instead. For inference, $\Delta W$ can be added into
 $W$ once (``merge``) so the layer costs no more than the original.
 
 Names follow PEFT (``lora_A``, ``lora_B``, ``lora_alpha``, ``scaling``, ``merge``,
@@ -24,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from llmbook._checks import check_int, check_real
+from llmbook._checks import check_bool, check_int, check_real
 
 __all__ = [
     "LoRALinear",
@@ -37,11 +38,12 @@ __all__ = [
 ]
 
 
-def _check_settings(r, lora_alpha, lora_dropout) -> tuple[int, float, float]:
-    """``(r, lora_alpha, lora_dropout)`` as plain numbers, or an error naming the bad one."""
+def _check_settings(r, lora_alpha, lora_dropout, use_rslora) -> tuple[int, float, float, bool]:
+    """``(r, lora_alpha, lora_dropout, use_rslora)`` as plain values, or an error naming the bad one."""
     return (check_int(r, "r", minimum=1),
             check_real(lora_alpha, "lora_alpha", low=0.0, low_open=True),
-            check_real(lora_dropout, "lora_dropout", low=0.0, high=1.0, high_open=True))
+            check_real(lora_dropout, "lora_dropout", low=0.0, high=1.0, high_open=True),
+            check_bool(use_rslora, "use_rslora"))
 
 
 class LoRALinear(nn.Module):
@@ -52,13 +54,16 @@ class LoRALinear(nn.Module):
         r: the rank of the update (an integer >= 1).
         lora_alpha: the numerator of the scaling $\alpha / r$ (> 0).
         lora_dropout: dropout probability on the input of the LoRA branch, in [0, 1).
+        use_rslora: scale by $\alpha / \sqrt{r}$ (rsLoRA) instead of $\alpha / r$, as
+            PEFT's ``LoraConfig(use_rslora=True)``.
     """
 
-    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        r, lora_alpha, lora_dropout = _check_settings(r, lora_alpha, lora_dropout)
+        r, lora_alpha, lora_dropout, use_rslora = _check_settings(r, lora_alpha, lora_dropout, use_rslora)
         if r > min(base.in_features, base.out_features):
             raise ValueError(
                 f"r must be at most min(in_features, out_features) = "
@@ -67,7 +72,8 @@ class LoRALinear(nn.Module):
         self.base = base.requires_grad_(False)
         self.r = r
         self.lora_alpha = lora_alpha
-        self.scaling = lora_alpha / r
+        self.use_rslora = use_rslora
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         # The adapter trains in float32 (or float64) whatever the base weight's dtype, as PEFT
         # does: in bf16, Adam's small updates would round away against the 8-bit mantissa.
         dtype = base.weight.dtype if base.weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -127,7 +133,8 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        rs = ", use_rslora=True" if self.use_rslora else ""
+        return f"r={self.r}, lora_alpha={self.lora_alpha}{rs}, scaling={self.scaling:g}, merged={self.merged}"
 
 
 def _check_module(model) -> None:
@@ -159,6 +166,7 @@ def apply_lora(
     r: int,
     lora_alpha: float,
     lora_dropout: float = 0.0,
+    use_rslora: bool = False,
 ) -> nn.Module:
     """Freeze ``model`` and wrap its targeted linear layers in :class:`LoRALinear`, in place.
 
@@ -167,7 +175,7 @@ def apply_lora(
         target_modules: names matched against the end of each linear layer's dotted
             name, as PEFT does (``["q_proj", "v_proj"]``), or ``"all-linear"`` for every
             linear layer except the output head ``lm_head``.
-        r, lora_alpha, lora_dropout: as in :class:`LoRALinear`.
+        r, lora_alpha, lora_dropout, use_rslora: as in :class:`LoRALinear`.
 
     Returns:
         the same ``model``, with only the LoRA matrices trainable.
@@ -185,7 +193,7 @@ def apply_lora(
     _check_module(model)
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; apply LoRA once")
-    r, lora_alpha, lora_dropout = _check_settings(r, lora_alpha, lora_dropout)
+    r, lora_alpha, lora_dropout, use_rslora = _check_settings(r, lora_alpha, lora_dropout, use_rslora)
     if isinstance(target_modules, str) and target_modules != "all-linear":
         target_modules = [target_modules]
     if not isinstance(target_modules, (str, list, tuple, set)):
@@ -230,7 +238,7 @@ def apply_lora(
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, lora_alpha, lora_dropout))
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, lora_alpha, lora_dropout, use_rslora))
     return model
 
 
