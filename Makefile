@@ -15,7 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # has more; it does not emulate a slower clock. Chapter re-execution and timing run under it.
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
-.PHONY: setup data book lab test test-unit test-notebooks test-browser bench times screenshot lock clean gpu-check gpu-wheels
+.PHONY: setup data book lab test test-unit test-notebooks test-browser bench times screenshot lock format clean gpu-check gpu-wheels
 
 setup: $(STAMP) $(ASSETS)
 
@@ -111,6 +111,12 @@ gpu-wheels: setup
 	@du -sh build/gpu-wheels
 
 # Re-pin constraints.txt to what the venv holds now.
+# Format the chapters' code cells to 88 columns (pyproject's [tool.ruff]); outputs are kept.
+# Strings and comments that ruff cannot wrap are left to the author: tests/test_chapters.py
+# names every line that is still too wide for the book's page.
+format: setup
+	$(BIN)/ruff format chapters
+
 lock: setup
 	@{ echo "# Exact versions that CI tested. Installed with: pip install -c constraints.txt -e .[all]"; \
 	   echo "# Regenerate with: make lock"; \

@@ -102,3 +102,16 @@ def test_chapters_call_the_package_instead_of_rewriting_it(path):
 def test_tables_are_rendered_not_printed(path):
     # A printed DataFrame (to_string) is a wide block of text that the page cuts off; display() renders a table.
     assert ".to_string()" not in _code(path), f"{path.stem}: display the DataFrame instead of printing it"
+
+
+PAGE_WIDTH = 88  # columns of code the book's page shows without a scroll bar (pyproject's [tool.ruff])
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_code_lines_fit_the_page(path):
+    nb = json.loads(path.read_text())
+    wide = [f"cell {i}: {line[:60]}..."
+            for i, cell in enumerate(nb["cells"]) if cell["cell_type"] == "code"
+            for line in "".join(cell["source"]).splitlines() if len(line) > PAGE_WIDTH]
+    assert not wide, (f"{len(wide)} code lines are wider than {PAGE_WIDTH} columns (`make format`, "
+                      f"then wrap the strings and comments it leaves):\n" + "\n".join(wide[:10]))

@@ -1,5 +1,7 @@
 """llmbook.losses against torch (F.log_softmax, F.cross_entropy, autograd), transformers' model loss and TRL."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -413,3 +415,23 @@ def test_sft_loss_by_group_leaves_out_an_absent_group_and_checks_its_input(chat_
     batch["labels"] = torch.full_like(batch["labels"], data.IGNORE_INDEX)
     with pytest.raises(ValueError, match="no response token"):
         losses.sft_loss_by_group(model, batch)
+
+
+def test_response_loss_is_the_models_own_loss_with_and_without_adapters():
+    from llmbook import lora, prefix
+    from llmbook.models import tiny_model
+    torch.manual_seed(0)
+    base = tiny_model()
+    ids = torch.randint(3, 256, (2, 9))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[1, :6] = -100                                    # answers start at different columns
+    mask = torch.ones_like(ids)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    wrapped = lora.apply_lora(copy.deepcopy(base), ["q_proj", "v_proj"], r=2, lora_alpha=4)
+    with torch.no_grad():
+        for layer in lora.lora_layers(wrapped):
+            layer.lora_B.weight.normal_()
+    with_prefix = prefix.PrefixTuningModel(base, 3)
+    for model in (base, wrapped, with_prefix):
+        torch.testing.assert_close(losses.response_loss(model, batch), model(**batch).loss)

@@ -119,3 +119,14 @@ def test_history_keeps_columns_aligned():
     h.log(step=3, loss=0.25)
     assert math.isnan(h["extra"][0]) and h["extra"][1] == 3.0 and math.isnan(h["extra"][2])
     assert h.last() == 0.25 and h.mean(last=2) == 0.375
+
+
+def test_the_progress_bar_goes_to_stderr_and_can_be_switched_off(capsys):
+    model = torch.nn.Linear(3, 1)
+    batches = [{"x": torch.ones(2, 3)}]
+    loss_fn = lambda m, b: m(b["x"]).pow(2).mean()  # noqa: E731
+    train(model, batches, loss_fn, steps=3, lr=0.1, progress=True)
+    shown = capsys.readouterr()
+    assert shown.out == "" and "train" in shown.err and "3/3" in shown.err
+    train(model, batches, loss_fn, steps=3, lr=0.1, progress=False)
+    assert capsys.readouterr().err == ""

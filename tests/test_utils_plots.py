@@ -193,3 +193,19 @@ def test_live_tensor_bytes_counts_new_storage_not_views():
         d = b * 3           # c freed before this: the count stays at one tensor
     assert tracker.curve == [0, 4000, 4000] and d.numel() == 1000
 
+
+
+def test_prefix_layout_draws_every_column_and_names_bad_counts():
+    import matplotlib.pyplot as plt
+
+    from llmbook import plots
+
+    fig, ax = plt.subplots()
+    plots.prefix_layout(["The", "sky", "is", "blue"], n_virtual=2, n_prompt=3, num_layers=30, ax=ax)
+    texts = [t.get_text() for t in ax.texts]
+    assert texts.count("none") == 2 and texts.count("K,V") == 6 * 3   # 6 columns x 3 drawn layers
+    assert {"layer 30: K, V", "prefix (trainable)", "prompt", "output"} <= set(texts)
+    assert "blue" in texts                                             # the last prompt token predicts it
+    plt.close(fig)
+    with pytest.raises(ValueError, match="n_prompt"):
+        plots.prefix_layout(["a"], n_virtual=1, n_prompt=2, num_layers=2)

@@ -45,6 +45,7 @@ __all__ = [
     "log_softmax",
     "logits_to_keep",
     "per_token_logps",
+    "response_loss",
     "selective_log_softmax",
     "sft_loss",
     "sft_loss_by_group",
@@ -247,6 +248,18 @@ def answer_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
     return per_token_logps(logits, labels[:, T - keep:], ignore_index)
 
 
+def response_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    r"""The SFT loss of ``batch`` with logits only where an answer token is scored.
+
+    The model's own loss for these labels, $-\frac{1}{k}\sum \log p(y_{t+1} \mid y_{\le t})$
+    over the $k$ answer tokens, from :func:`answer_logps`: the LM head projects only the
+    positions from just before the first answer token on. Works for any causal LM that
+    returns ``.logits`` (with LoRA or a prefix too); a ``loss_fn`` for :func:`llmbook.train.train`.
+    """
+    logps, mask = answer_logps(model, batch)  # (B, K - 1) each, logps 0 where mask is False
+    return -logps.sum() / mask.sum()
+
+
 def sft_loss_by_group(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
     r"""The SFT loss of ``batch``, and the same mean over its Known and its Unknown examples.
 
@@ -266,7 +279,7 @@ def sft_loss_by_group(model: torch.nn.Module, batch: Mapping[str, torch.Tensor])
         raise ValueError(f"unknown must have shape ({B},), one flag per example, got {got}")
     logps, mask = answer_logps(model, batch)  # (B, K - 1) each
     counted = mask.float()
-    loss = -logps.sum() / counted.sum()
+    loss = -logps.sum() / counted.sum()  # response_loss's value, from the same log-probs
     metrics = {}
     unknown = unknown.to(torch.bool)
     for name, rows in (("known", ~unknown), ("unknown", unknown)):

@@ -50,6 +50,7 @@ Chapter 1 introduces the model; every chapter loads it with :func:`load_model`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import hashlib
@@ -57,7 +58,9 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -87,6 +90,8 @@ __all__ = [
     "pick_device",
     "resolve_dtype",
     "tiny_model",
+    "top_layers",
+    "top_layer_inputs",
 ]
 
 
@@ -371,8 +376,14 @@ def _build(gguf: Path, final: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         try:
+            # The first load only: say what is happening (on standard error, like a progress bar).
+            print(f"llmbook: first load, converting {gguf.name} into the model cache {final} ...",
+                  file=sys.stderr, flush=True)
+            start = time.perf_counter()
             with _no_progress_bars():
                 _convert_gguf(gguf, tmp)
+            print(f"llmbook: converted in {time.perf_counter() - start:.0f} s; later loads read the cache",
+                  file=sys.stderr, flush=True)
         except OSError:
             raise
         except Exception as error:
@@ -553,6 +564,49 @@ def chat(model, tokenizer, prompt: str, *, max_new_tokens: int = 48, system: str
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str (one user message), got {type(prompt).__name__}")
     return generate_answers(model, tokenizer, [prompt], system=system, max_new_tokens=max_new_tokens).greedy[0]
+
+
+def top_layers(model, k: int):
+    """A copy of a transformers decoder that keeps only its last ``k`` layers (and final norm, LM head).
+
+    Fed the hidden states that enter layer ``L - k`` of ``model`` (:func:`top_layer_inputs`),
+    it computes what ``model`` computes. Chapters 3 and 4 train only the top layers this way:
+    the frozen layers below give the same output for a batch at every step, so it is computed
+    once instead of at every step.
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise TypeError(f"model must be a transformers decoder with .model.layers, got {type(model).__name__}")
+    k = check_int(k, "k", minimum=1, maximum=len(layers))
+    top = copy.deepcopy(model)
+    top.model.layers = top.model.layers[-k:]
+    top.config.num_hidden_layers = k
+    if getattr(top.config, "layer_types", None) is not None:
+        top.config.layer_types = top.config.layer_types[-k:]
+    for i, layer in enumerate(top.model.layers):
+        layer.self_attn.layer_idx = i  # its slot in a KV cache
+    return top
+
+
+@torch.no_grad()
+def top_layer_inputs(model, batch, k: int) -> dict:
+    """What :func:`top_layers` ``(model, k)`` reads for ``batch``: the hidden states entering layer ``L - k``.
+
+    Returns ``{"inputs_embeds": (B, T, H), "attention_mask", "labels"}`` (``labels`` only if
+    ``batch`` has them), a batch for the top-layers copy.
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise TypeError(f"model must be a transformers decoder with .model.layers, got {type(model).__name__}")
+    k = check_int(k, "k", minimum=1, maximum=len(layers))
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        raise TypeError("batch must be a dict with input_ids (and attention_mask, labels)")
+    mask = batch.get("attention_mask")
+    out = model.model(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True)
+    inputs = {"inputs_embeds": out.hidden_states[len(layers) - k], "attention_mask": mask}
+    if "labels" in batch:
+        inputs["labels"] = batch["labels"]
+    return inputs
 
 
 def tiny_model(

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 
 from llmbook._checks import check_int, check_real
 
-__all__ = ["COLORS", "use_style", "subplots", "plot_history", "smooth"]
+__all__ = ["COLORS", "prefix_layout", "use_style", "subplots", "plot_history", "smooth"]
 
 # Colour-blind-safe (Okabe-Ito); roles are fixed across chapters.
 COLORS = {
@@ -90,4 +90,51 @@ def plot_history(history, key: str = "loss", *, ax=None, label: str | None = Non
     ax.set_ylabel(key)
     if label:
         ax.legend()
+    return ax
+
+
+def prefix_layout(tokens, n_virtual: int, n_prompt: int, num_layers: int, *, ax=None):
+    """Chapter 4's picture of a prefix: which columns have an input token, keys and values, a prediction.
+
+    ``tokens`` are the decoded prompt and output tokens, in order; they follow ``n_virtual``
+    virtual tokens (``v1 ... vn``), which have keys and values in every layer and nothing
+    else. Virtual tokens are drawn in :data:`COLORS` ``"ours"``, the prompt in ``"neutral"``,
+    the output in ``"inference"``.
+    """
+    n_virtual = check_int(n_virtual, "n_virtual", minimum=1)
+    n_prompt = check_int(n_prompt, "n_prompt", minimum=1, maximum=len(tokens))
+    if ax is None:
+        ax = plt.subplots(figsize=(11, 3.6))[1]
+    columns = [f"v{i + 1}" for i in range(n_virtual)] + list(tokens)
+    kinds = ["virtual"] * n_virtual + ["prompt"] * n_prompt + ["output"] * (len(tokens) - n_prompt)
+    colour = {"virtual": COLORS["ours"], "prompt": COLORS["neutral"], "output": COLORS["inference"]}
+    rows = ["predicts", f"layer {num_layers}: K, V", "⋮", "layer 2: K, V", "layer 1: K, V", "input token", "position"]
+    text = dict(ha="center", va="center")
+    for x, (name, kind) in enumerate(zip(columns, kinds)):
+        filled = dict(boxstyle="round,pad=0.3", ec="none", fc=colour[kind])
+        for y, row in enumerate(reversed(rows)):
+            if row == "position":
+                ax.text(x, y, str(x), fontsize=8, **text)
+            elif row == "input token" and kind == "virtual":
+                ax.text(x, y, "none", fontsize=7, color=colour[kind], **text,
+                        bbox=dict(boxstyle="round,pad=0.3", fc="white", ec=colour[kind], ls="--"))
+            elif row == "input token":
+                ax.text(x, y, name, fontsize=8, color="white", bbox=filled, **text)
+            elif row == "⋮":
+                ax.text(x, y, "⋮", fontsize=9, **text)
+            elif row != "predicts":
+                ax.text(x, y, "K,V", fontsize=7, color="white", bbox=filled, **text)
+            elif kind != "virtual" and x + 1 < len(columns):
+                ax.text(x, y, columns[x + 1], fontsize=7, color=colour["output"], **text)
+    for y, row in enumerate(reversed(rows)):
+        ax.text(-0.8, y, row, ha="right", va="center", fontsize=9)
+    ax.axvline(n_virtual - 0.5, color="black", lw=0.8, ls="--")
+    ax.axvline(n_virtual + n_prompt - 0.5, color="black", lw=0.8, ls=":")
+    top = len(rows) - 0.4
+    ax.text(n_virtual / 2 - 0.5, top, "prefix (trainable)", ha="center", fontsize=9, color=colour["virtual"])
+    ax.text(n_virtual + n_prompt / 2 - 0.5, top, "prompt", ha="center", fontsize=9)
+    n_out = len(tokens) - n_prompt
+    ax.text(n_virtual + n_prompt + n_out / 2 - 0.5, top, "output", ha="center", fontsize=9, color=colour["output"])
+    ax.set(xlim=(-4.5, len(columns) - 0.5), ylim=(-0.6, len(rows) - 0.1))
+    ax.axis("off")
     return ax

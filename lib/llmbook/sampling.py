@@ -47,6 +47,7 @@ from llmbook._checks import (
 )
 from llmbook.data import chat_prompt
 from llmbook.utils import eval_mode
+from llmbook.utils import progress as show_progress
 
 __all__ = [
     "Answers",
@@ -374,6 +375,7 @@ def generate(
     greedy_first: bool = False,
     suppress_tokens: list[int] | None = None,
     output_logps: bool = False,
+    progress: bool = False,
 ):
     r"""Sample (or, with ``temperature=0``, greedily decode) a continuation with a KV cache.
 
@@ -405,6 +407,7 @@ def generate(
         suppress_tokens: ids that are never produced (their logits set to $-\infty$ first).
         output_logps: also return each new token's log-probability under the model's own
             distribution (temperature 1, no filter, no suppression).
+        progress: show a bar over the decoding steps (:func:`llmbook.utils.progress`).
 
     Returns:
         ``(B * num_return_sequences, P + n)``: each prompt followed by its $n \le$
@@ -484,7 +487,8 @@ def generate(
             attention_mask = attention_mask.repeat_interleave(copies, dim=0)
             positions = positions.repeat_interleave(copies, dim=0)
     new_tokens, new_logps = [], []
-    for step in range(max_new_tokens):
+    steps = show_progress(range(max_new_tokens), desc="generate", disable=not progress)
+    for step in steps:
         if torch.isnan(logits).any():
             raise ValueError(f"the model produced NaN logits at step {step}")
         scores = logits if suppress_ids is None else logits.index_fill(-1, suppress_ids, FILTER_VALUE)
@@ -558,6 +562,7 @@ def generate_answers(
     strip: bool = True,
     batch_size: int = 16,
     generator: torch.Generator | None = None,
+    progress: bool = False,
 ) -> Answers:
     r"""The model's answers to user messages: greedy, sampled, or both from one prompt pass.
 
@@ -578,6 +583,7 @@ def generate_answers(
         strip: strip each answer; ``False`` keeps a continuation's leading space or newline,
             to append it to its stem.
         batch_size: prompts per prompt pass.
+        progress: show a bar over each batch's decoding steps.
         generator: a seeded ``torch.Generator`` (on the model's device) makes the samples
             reproducible.
 
@@ -608,7 +614,7 @@ def generate_answers(
                                   temperature=temperature if num_samples else 0.0, top_p=top_p, top_k=top_k,
                                   eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, generator=generator,
                                   num_return_sequences=copies, greedy_first=greedy, suppress_tokens=suppress_tokens,
-                                  output_logps=True)
+                                  output_logps=True, progress=progress)
             new = out[:, ids.shape[1]:]  # (rows, n)
             ended = torch.isin(new, torch.tensor(stop, device=new.device))  # (rows, n)
             # an answer's tokens run up to and including its first end token

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from llmbook._checks import check_int, check_real
+from llmbook.utils import progress as show_progress
 
 __all__ = ["History", "move_to", "train", "trainable_parameters"]
 
@@ -114,7 +115,7 @@ def train(
         warmup_steps: linear warm-up from 0 to ``lr`` over this many steps, then constant.
         grad_accum_steps: batches whose gradients are averaged into one step.
         max_grad_norm: clip the global gradient norm to this; ``None`` to not clip.
-        progress: show a progress bar.
+        progress: show a progress bar (:func:`llmbook.utils.progress`, on standard error).
 
     Returns:
         a :class:`History`.
@@ -135,13 +136,11 @@ def train(
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     device = next(iter(params)).device
 
-    from tqdm.auto import tqdm
-
     history = History()
     stream = _cycle(batches)
     was_training = model.training
     model.train()
-    bar = tqdm(range(1, steps + 1), desc="train", disable=not progress, leave=False)
+    bar = show_progress(range(1, steps + 1), desc="train", disable=not progress)
     try:
         for step in bar:
             start = time.perf_counter()

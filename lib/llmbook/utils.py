@@ -25,6 +25,7 @@ __all__ = [
     "peak_bytes",
     "peak_memory_since",
     "peak_memory_start",
+    "progress",
     "seed_everything",
     "time_call",
     "time_interleaved",
@@ -129,6 +130,24 @@ def seed_everything(seed: int) -> torch.Generator:
         pass
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def progress(iterable, *, desc: str, total: int | None = None, disable: bool = False):
+    """A text progress bar over ``iterable``, written to standard error.
+
+    Plain text rather than a notebook widget: it updates in place in JupyterLab and in a
+    terminal, and the book (``nb_output_stderr: remove`` in ``_config.yml``) and nbval
+    (``chapters/conftest.py``) leave standard error out, so a saved bar neither clutters a
+    page nor fails a check. It redraws at most every 2 s.
+    """
+    import sys
+
+    from tqdm.std import tqdm
+
+    if not isinstance(desc, str):
+        raise TypeError(f"desc must be a str (the bar's label), got {type(desc).__name__}")
+    return tqdm(iterable, desc=desc, total=total, disable=disable, file=sys.stderr, mininterval=2.0,
+                ncols=88, leave=True)
 
 
 def umask() -> int:
