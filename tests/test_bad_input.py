@@ -219,6 +219,8 @@ BAD = [
      "model must be a transformers decoder"),
     ("top_layer_inputs-no-input-ids", lambda c: models.top_layer_inputs(c.tiny, {"labels": c.labels}, 1), TypeError,
      "batch must be a dict with input_ids"),
+    ("token_strip-highlight-length", lambda c: plots.token_strip(None, ["a"], 0, "row", [True, False]), ValueError,
+     "highlight must have one entry per token"),
     ("prefix_layout-prompt-longer-than-tokens", lambda c: plots.prefix_layout(["a"], n_virtual=1, n_prompt=2,
                                                                               num_layers=2), ValueError, "n_prompt"),
     ("progress-desc-not-str", lambda c: utils.progress(range(3), desc=3), TypeError, "desc must be a str"),

@@ -435,3 +435,23 @@ def test_response_loss_is_the_models_own_loss_with_and_without_adapters():
     with_prefix = prefix.PrefixTuningModel(base, 3)
     for model in (base, wrapped, with_prefix):
         torch.testing.assert_close(losses.response_loss(model, batch), model(**batch).loss)
+
+
+def test_response_loss_without_an_exposed_head_takes_the_answer_logps_path():
+    from llmbook.models import tiny_model
+
+    class Opaque(torch.nn.Module):  # a causal LM that hides its output layer
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep)
+
+    torch.manual_seed(1)
+    base = tiny_model()
+    ids = torch.randint(3, 256, (2, 8))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    torch.testing.assert_close(losses.response_loss(Opaque(base), batch), base(**batch).loss)

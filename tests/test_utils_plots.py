@@ -209,3 +209,19 @@ def test_prefix_layout_draws_every_column_and_names_bad_counts():
     plt.close(fig)
     with pytest.raises(ValueError, match="n_prompt"):
         plots.prefix_layout(["a"], n_virtual=1, n_prompt=2, num_layers=2)
+
+
+def test_token_strip_marks_the_highlighted_tokens():
+    import matplotlib.pyplot as plt
+
+    from llmbook import plots
+
+    fig, ax = plt.subplots()
+    plots.token_strip(ax, ["a", "b", "c"], 0, "row", [False, True, False])
+    boxes = [t for t in ax.texts if t.get_text() in "abc"]
+    colours = [t.get_bbox_patch().get_facecolor() for t in boxes]
+    from matplotlib.colors import to_rgba
+    assert colours[1] == to_rgba(plots.COLORS["inference"]) and colours[0] == to_rgba(plots.COLORS["neutral"])
+    plt.close(fig)
+    with pytest.raises(ValueError, match="highlight must have one entry per token"):
+        plots.token_strip(ax, ["a"], 0, "row", [True, False])

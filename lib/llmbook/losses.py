@@ -249,15 +249,29 @@ def answer_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
 
 
 def response_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    r"""The SFT loss of ``batch`` with logits only where an answer token is scored.
+    r"""The SFT loss of ``batch`` with the LM head applied only where an answer token is scored.
 
     The model's own loss for these labels, $-\frac{1}{k}\sum \log p(y_{t+1} \mid y_{\le t})$
-    over the $k$ answer tokens, from :func:`answer_logps`: the LM head projects only the
-    positions from just before the first answer token on. Works for any causal LM that
-    returns ``.logits`` (with LoRA or a prefix too); a ``loss_fn`` for :func:`llmbook.train.train`.
+    over the $k$ answer tokens. When the model exposes its output layer
+    (``get_output_embeddings()``, no bias) the loss is :func:`chunked_sft_loss` of the last
+    hidden state (after the final norm, as transformers returns it): the head projects only
+    the labelled positions, a chunk at a time. Otherwise it comes from :func:`answer_logps`.
+    Works with LoRA or a prefix too; a ``loss_fn`` for :func:`llmbook.train.train`.
     """
-    logps, mask = answer_logps(model, batch)  # (B, K - 1) each, logps 0 where mask is False
-    return -logps.sum() / mask.sum()
+    if not isinstance(batch, Mapping) or "labels" not in batch:
+        raise TypeError("batch must be a dict with 'labels' and the model's inputs (input_ids, attention_mask)")
+    labels = check_int_tensor(batch["labels"], "labels")
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if (head is None or getattr(head, "bias", None) is not None
+            or not accepts_keyword(model, "output_hidden_states")):
+        logps, mask = answer_logps(model, batch)  # (B, K - 1) each, logps 0 where mask is False
+        return -logps.sum() / mask.sum()
+    inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
+    if accepts_keyword(model, "logits_to_keep"):
+        inputs["logits_to_keep"] = 1  # the logits are not used; the head runs in chunked_sft_loss
+    out = model(**inputs, output_hidden_states=True, use_cache=False)
+    return chunked_sft_loss(out.hidden_states[-1], head.weight, labels)
 
 
 def sft_loss_by_group(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -279,7 +293,7 @@ def sft_loss_by_group(model: torch.nn.Module, batch: Mapping[str, torch.Tensor])
         raise ValueError(f"unknown must have shape ({B},), one flag per example, got {got}")
     logps, mask = answer_logps(model, batch)  # (B, K - 1) each
     counted = mask.float()
-    loss = -logps.sum() / counted.sum()  # response_loss's value, from the same log-probs
+    loss = -logps.sum() / counted.sum()  # the value response_loss gives
     metrics = {}
     unknown = unknown.to(torch.bool)
     for name, rows in (("known", ~unknown), ("unknown", unknown)):

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 
 from llmbook._checks import check_int, check_real
 
-__all__ = ["COLORS", "prefix_layout", "use_style", "subplots", "plot_history", "smooth"]
+__all__ = ["COLORS", "prefix_layout", "token_strip", "use_style", "subplots", "plot_history", "smooth"]
 
 # Colour-blind-safe (Okabe-Ito); roles are fixed across chapters.
 COLORS = {
@@ -137,4 +137,22 @@ def prefix_layout(tokens, n_virtual: int, n_prompt: int, num_layers: int, *, ax=
     ax.text(n_virtual + n_prompt + n_out / 2 - 0.5, top, "output", ha="center", fontsize=9, color=colour["output"])
     ax.set(xlim=(-4.5, len(columns) - 0.5), ylim=(-0.6, len(rows) - 0.1))
     ax.axis("off")
+    return ax
+
+
+def token_strip(ax, tokens, y: float, label: str, highlight=None):
+    """Draw ``tokens`` (strings) as a row of boxes at height ``y``, named ``label`` on the left.
+
+    Boxes whose ``highlight`` entry is true are drawn in :data:`COLORS` ``"inference"``, the
+    others in ``"neutral"`` (chapter 1: the tokens where inference departs from the data).
+    """
+    tokens = list(tokens)
+    highlight = [False] * len(tokens) if highlight is None else list(highlight)
+    if len(highlight) != len(tokens):
+        raise ValueError(f"highlight must have one entry per token ({len(tokens)}), got {len(highlight)}")
+    for x, (token, marked) in enumerate(zip(tokens, highlight)):
+        colour = COLORS["inference"] if marked else COLORS["neutral"]
+        ax.text(x, y, token, ha="center", va="center", fontsize=8, color="white",
+                bbox=dict(boxstyle="round,pad=0.3", fc=colour, ec="none"))
+    ax.text(-1, y, label, ha="right", va="center", fontsize=10)
     return ax

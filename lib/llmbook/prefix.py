@@ -281,6 +281,10 @@ class PrefixTuningModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def get_output_embeddings(self):
+        """The wrapped model's output layer (the LM head), as transformers models expose it."""
+        return self.model.get_output_embeddings()
+
     @property
     def num_virtual_tokens(self) -> int:
         return self.encoder.num_virtual_tokens

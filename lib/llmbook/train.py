@@ -176,7 +176,7 @@ def train(
                 grad_norm=float(grad_norm),
                 seconds=time.perf_counter() - start,
             )
-            bar.set_postfix(loss=f"{sums['loss']:.4f}")
+            bar.set_postfix(loss=f"{sums['loss']:.4f}", refresh=False)  # redrawn at most every 2 s
     finally:
         bar.close()
         model.train(was_training)
