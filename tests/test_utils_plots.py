@@ -225,3 +225,28 @@ def test_token_strip_marks_the_highlighted_tokens():
     plt.close(fig)
     with pytest.raises(ValueError, match="highlight must have one entry per token"):
         plots.token_strip(ax, ["a"], 0, "row", [True, False])
+
+
+def test_singular_spectra_and_token_losses_draw_what_they_are_given():
+    import matplotlib.pyplot as plt
+
+    from llmbook import plots
+
+    sv = {"a": np.array([4.0, 2.0, 1.0]), "b": np.array([3.0, 3.0, 0.0])}
+    axes = plots.singular_spectra(sv, np.array([1.0, 1.0, 1.0]), top=3)
+    lines = axes[1].get_lines()
+    np.testing.assert_allclose(lines[0].get_ydata(), [16 / 21, 20 / 21, 1.0])   # energy in the top r
+    np.testing.assert_allclose(axes[0].get_lines()[1].get_ydata(), [1.0, 1.0, 0.0])  # sigma_i / sigma_1
+    plt.close("all")
+    with pytest.raises(ValueError, match="spectra must hold"):
+        plots.singular_spectra({}, np.ones(3))
+
+    fig, ax = plt.subplots()
+    plots.token_losses(ax, [1.0, 2.0], [False, True], ["a\n", "b"], lines=[(1.5, "ours", "mean")])
+    bars = ax.patches
+    assert [b.get_height() for b in bars] == [1.0, 2.0]
+    assert bars[1].get_facecolor() != bars[0].get_facecolor()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a\\n", "b"]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="one entry per token"):
+        plots.token_losses(ax, [1.0], [True, False], ["a"])

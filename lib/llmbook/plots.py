@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt
 
 from llmbook._checks import check_int, check_real
 
-__all__ = ["COLORS", "prefix_layout", "token_strip", "use_style", "subplots", "plot_history", "smooth"]
+__all__ = ["COLORS", "prefix_layout", "singular_spectra", "token_losses", "token_strip", "use_style", "subplots",
+           "plot_history", "smooth"]
 
 # Colour-blind-safe (Okabe-Ito); roles are fixed across chapters.
 COLORS = {
@@ -155,4 +156,58 @@ def token_strip(ax, tokens, y: float, label: str, highlight=None):
         ax.text(x, y, token, ha="center", va="center", fontsize=8, color="white",
                 bbox=dict(boxstyle="round,pad=0.3", fc=colour, ec="none"))
     ax.text(-1, y, label, ha="right", va="center", fontsize=10)
+    return ax
+
+
+def singular_spectra(spectra, reference, *, axes=None, top: int = 64):
+    r"""Chapter 3's two panels: singular values over the largest, and the energy in the top r.
+
+    ``spectra`` maps a name to a matrix's singular values (descending, a 1-D tensor or array),
+    drawn thin in :data:`COLORS` ``"ours"``; ``reference`` is one more spectrum (a random
+    matrix's, say), drawn thick in ``"neutral"``. The right panel shows
+    $\sum_{i \le r} \sigma_i^2 / \sum_i \sigma_i^2$ for $r \le$ ``top``.
+    """
+    import numpy as np
+
+    top = check_int(top, "top", minimum=1)
+    if not spectra:
+        raise ValueError("spectra must hold at least one matrix's singular values")
+    if axes is None:
+        axes = subplots(2, width=4.6, height=3.2)[1][0]
+
+    def draw(sv, **style):
+        sv = np.asarray(sv, dtype=float)
+        axes[0].plot(sv / sv[0], **style)
+        axes[1].plot((np.cumsum(sv**2) / np.sum(sv**2))[:top], **{k: v for k, v in style.items() if k != "label"})
+
+    for sv in spectra.values():
+        draw(sv, color=COLORS["ours"], alpha=0.5, lw=1)
+    draw(reference, color=COLORS["neutral"], lw=2, label="random matrix")
+    axes[0].plot([], color=COLORS["ours"], label="ΔW of full fine-tuning")
+    axes[0].set(xscale="log", yscale="log", xlabel="index i", ylabel="σ_i / σ_1", title="singular values of ΔW")
+    axes[1].set(xlabel="r", ylabel="share of ‖ΔW‖²", title="energy in the top r directions", ylim=(0, 1))
+    axes[0].legend()
+    return axes
+
+
+def token_losses(ax, losses, scored, tokens, *, lines=()):
+    r"""One bar of $-\log p$ per token, :data:`COLORS` ``"ours"`` where it is ``scored``, else ``"neutral"``.
+
+    ``tokens`` label the bars (newlines shown as ``\n``); ``lines`` are ``(value, colour role,
+    label)`` triples drawn as dashed horizontal lines (chapter 2: the two mean losses).
+    """
+    import numpy as np
+
+    losses, scored = np.asarray(losses, dtype=float), np.asarray(scored, dtype=bool)
+    tokens = list(tokens)
+    if not (len(losses) == len(scored) == len(tokens)):
+        raise ValueError(f"losses, scored and tokens must have one entry per token, "
+                         f"got {len(losses)}, {len(scored)} and {len(tokens)}")
+    positions = np.arange(1, len(losses) + 1)
+    ax.bar(positions, losses, color=np.where(scored, COLORS["ours"], COLORS["neutral"]))
+    for value, role, label in lines:
+        ax.axhline(value, color=COLORS[role], ls="--", lw=1, label=label)
+    ax.set_xticks(positions, [t.replace("\n", "\\n") for t in tokens], rotation=90, fontsize=7)
+    if lines:
+        ax.legend(loc="upper right")
     return ax
