@@ -511,6 +511,7 @@ def generate(
         out = model(token[:, None], attention_mask=attention_mask, position_ids=positions, cache=cache,
                     use_cache=True)
         cache, logits = out.cache, out.logits[:, -1].float()
+    steps.close()  # the bar ends where decoding stopped, also when every row ended early
     sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
     return (sequences, torch.stack(new_logps, dim=1)) if output_logps else sequences
 
