@@ -9,7 +9,8 @@ $W$ stays frozen; only $A$ and $B$ train. $A$ starts random
 (Kaiming-uniform, as in PEFT) and $B$ at zero, so the wrapped layer starts out
 exactly equal to the original. $\alpha/r$ (``scaling``) sets how large an update
 a given $A, B$ makes; rank-stabilised LoRA (rsLoRA, Kalajdzievski, 2023,
-arXiv 2312.03732; ``use_rslora=True``) divides by $\sqrt{r}$ instead. For inference, $\Delta W$ can be added into
+arXiv 2312.03732; ``use_rslora=True``) divides by $\sqrt{r}$ instead. For inference,
+$\Delta W$ can be added into
 $W$ once (``merge``) so the layer costs no more than the original.
 
 Names follow PEFT (``lora_A``, ``lora_B``, ``lora_alpha``, ``scaling``, ``merge``,

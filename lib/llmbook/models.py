@@ -566,6 +566,14 @@ def chat(model, tokenizer, prompt: str, *, max_new_tokens: int = 48, system: str
     return generate_answers(model, tokenizer, [prompt], system=system, max_new_tokens=max_new_tokens).greedy[0]
 
 
+def _decoder_layers(model, k) -> tuple[list, int]:
+    """``model``'s decoder layers and ``k`` checked against their number, or an error naming them."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise TypeError(f"model must be a transformers decoder with .model.layers, got {type(model).__name__}")
+    return layers, check_int(k, "k", minimum=1, maximum=len(layers))
+
+
 def top_layers(model, k: int):
     """A copy of a transformers decoder that keeps only its last ``k`` layers (and final norm, LM head).
 
@@ -574,10 +582,7 @@ def top_layers(model, k: int):
     the frozen layers below give the same output for a batch at every step, so it is computed
     once instead of at every step.
     """
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise TypeError(f"model must be a transformers decoder with .model.layers, got {type(model).__name__}")
-    k = check_int(k, "k", minimum=1, maximum=len(layers))
+    _, k = _decoder_layers(model, k)
     top = copy.deepcopy(model)
     top.model.layers = top.model.layers[-k:]
     top.config.num_hidden_layers = k
@@ -595,10 +600,7 @@ def top_layer_inputs(model, batch, k: int) -> dict:
     Returns ``{"inputs_embeds": (B, T, H), "attention_mask", "labels"}`` (``labels`` only if
     ``batch`` has them), a batch for the top-layers copy.
     """
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise TypeError(f"model must be a transformers decoder with .model.layers, got {type(model).__name__}")
-    k = check_int(k, "k", minimum=1, maximum=len(layers))
+    layers, k = _decoder_layers(model, k)
     if not isinstance(batch, dict) or "input_ids" not in batch:
         raise TypeError("batch must be a dict with input_ids (and attention_mask, labels)")
     mask = batch.get("attention_mask")

@@ -132,7 +132,7 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def progress(iterable, *, desc: str, total: int | None = None, disable: bool = False):
+def progress(iterable, *, desc: str, disable: bool = False):
     """A text progress bar over ``iterable``, written to standard error.
 
     Plain text rather than a notebook widget: it updates in place in JupyterLab and in a
@@ -146,7 +146,7 @@ def progress(iterable, *, desc: str, total: int | None = None, disable: bool = F
 
     if not isinstance(desc, str):
         raise TypeError(f"desc must be a str (the bar's label), got {type(desc).__name__}")
-    return tqdm(iterable, desc=desc, total=total, disable=disable, file=sys.stderr, mininterval=2.0,
+    return tqdm(iterable, desc=desc, disable=disable, file=sys.stderr, mininterval=2.0,
                 ncols=88, leave=True)
 
 
