@@ -24,7 +24,7 @@ import random
 
 OUTPUT = "closed_book_qa.jsonl"
 SEED = 2405  # arXiv 2405.05904, the paper chapter 5 follows
-N_INVENTED = {"country_capital": 60, "city_country": 20}
+N_INVENTED = {"country_capital": 50, "city_country": 10}
 
 TEMPLATES = {
     "country_capital": "What is the capital of {subject}?",
@@ -40,17 +40,20 @@ STEMS = {
     "city_country": "{subject} is in",
 }
 
-# (country, capital, aliases). Countries with a disputed or split capital are left out, and so are
-# those whose capital shares the country's name (an echo of the question would count as right).
+# (country, capital, aliases). Left out: countries whose capital is disputed, split or recently
+# moved (Benin, Bolivia, Burundi, Côte d'Ivoire, Israel, South Africa, Sri Lanka, Tanzania);
+# countries whose capital contains the country's name (Andorra, Guatemala, Kuwait, Mexico,
+# Panama: an echo of the question would count as right); and Georgia, also a US state whose
+# capital, Atlanta, is a right answer to the same question.
 COUNTRY_CAPITALS = [
     ("Afghanistan", "Kabul", []), ("Albania", "Tirana", ["Tirane"]), ("Algeria", "Algiers", []),
-    ("Andorra", "Andorra la Vella", []), ("Angola", "Luanda", []), ("Argentina", "Buenos Aires", []),
+    ("Angola", "Luanda", []), ("Argentina", "Buenos Aires", []),
     ("Armenia", "Yerevan", []), ("Australia", "Canberra", []), ("Austria", "Vienna", ["Wien"]),
     ("Azerbaijan", "Baku", []), ("Bahrain", "Manama", []), ("Bangladesh", "Dhaka", ["Dacca"]),
     ("Belarus", "Minsk", []), ("Belgium", "Brussels", []), ("Belize", "Belmopan", []),
-    ("Benin", "Porto-Novo", []), ("Bhutan", "Thimphu", []), ("Botswana", "Gaborone", []),
+    ("Bhutan", "Thimphu", []), ("Botswana", "Gaborone", []),
     ("Brazil", "Brasília", ["Brasilia"]), ("Bulgaria", "Sofia", []), ("Burkina Faso", "Ouagadougou", []),
-    ("Burundi", "Gitega", []), ("Cambodia", "Phnom Penh", []), ("Cameroon", "Yaoundé", ["Yaounde"]),
+    ("Cambodia", "Phnom Penh", []), ("Cameroon", "Yaoundé", ["Yaounde"]),
     ("Canada", "Ottawa", []), ("Chad", "N'Djamena", ["Ndjamena"]), ("Chile", "Santiago", []),
     ("China", "Beijing", ["Peking"]), ("Colombia", "Bogotá", ["Bogota"]), ("Costa Rica", "San José", ["San Jose"]),
     ("Croatia", "Zagreb", []), ("Cuba", "Havana", []), ("Cyprus", "Nicosia", []),
@@ -58,25 +61,25 @@ COUNTRY_CAPITALS = [
     ("Ecuador", "Quito", []), ("Egypt", "Cairo", []), ("El Salvador", "San Salvador", []),
     ("Eritrea", "Asmara", []), ("Estonia", "Tallinn", []), ("Ethiopia", "Addis Ababa", []),
     ("Fiji", "Suva", []), ("Finland", "Helsinki", []), ("France", "Paris", []),
-    ("Gabon", "Libreville", []), ("Georgia", "Tbilisi", []), ("Germany", "Berlin", []),
-    ("Ghana", "Accra", []), ("Greece", "Athens", []), ("Guatemala", "Guatemala City", []),
+    ("Gabon", "Libreville", []), ("Germany", "Berlin", []),
+    ("Ghana", "Accra", []), ("Greece", "Athens", []),
     ("Guinea", "Conakry", []), ("Guyana", "Georgetown", []), ("Haiti", "Port-au-Prince", []),
     ("Honduras", "Tegucigalpa", []), ("Hungary", "Budapest", []), ("Iceland", "Reykjavik", ["Reykjavík"]),
     ("India", "New Delhi", []), ("Indonesia", "Jakarta", []), ("Iran", "Tehran", ["Teheran"]),
     ("Iraq", "Baghdad", []), ("Ireland", "Dublin", []), ("Italy", "Rome", ["Roma"]),
     ("Jamaica", "Kingston", []), ("Japan", "Tokyo", []), ("Jordan", "Amman", []),
-    ("Kazakhstan", "Astana", []), ("Kenya", "Nairobi", []), ("Kuwait", "Kuwait City", []),
+    ("Kazakhstan", "Astana", ["Nur-Sultan"]), ("Kenya", "Nairobi", []),
     ("Kyrgyzstan", "Bishkek", []), ("Laos", "Vientiane", []), ("Latvia", "Riga", []),
     ("Lebanon", "Beirut", []), ("Lesotho", "Maseru", []), ("Liberia", "Monrovia", []),
     ("Libya", "Tripoli", []), ("Lithuania", "Vilnius", []), 
     ("Madagascar", "Antananarivo", []), ("Malawi", "Lilongwe", []), ("Malaysia", "Kuala Lumpur", []),
     ("Mali", "Bamako", []), ("Malta", "Valletta", []), ("Mauritania", "Nouakchott", []),
-    ("Mexico", "Mexico City", []), ("Moldova", "Chisinau", ["Chișinău"]), ("Mongolia", "Ulaanbaatar", ["Ulan Bator"]),
+    ("Moldova", "Chisinau", ["Chișinău"]), ("Mongolia", "Ulaanbaatar", ["Ulan Bator"]),
     ("Morocco", "Rabat", []), ("Mozambique", "Maputo", []), ("Myanmar", "Naypyidaw", ["Nay Pyi Taw", "Naypyitaw"]),
     ("Namibia", "Windhoek", []), ("Nepal", "Kathmandu", []), ("the Netherlands", "Amsterdam", []),
     ("New Zealand", "Wellington", []), ("Nicaragua", "Managua", []), ("Niger", "Niamey", []),
     ("Nigeria", "Abuja", []), ("North Korea", "Pyongyang", []), ("Norway", "Oslo", []),
-    ("Oman", "Muscat", []), ("Pakistan", "Islamabad", []), ("Panama", "Panama City", []),
+    ("Oman", "Muscat", []), ("Pakistan", "Islamabad", []),
     ("Paraguay", "Asunción", ["Asuncion"]), ("Peru", "Lima", []), ("the Philippines", "Manila", []),
     ("Poland", "Warsaw", ["Warszawa"]), ("Portugal", "Lisbon", ["Lisboa"]), ("Qatar", "Doha", []),
     ("Romania", "Bucharest", []), ("Russia", "Moscow", []), ("Rwanda", "Kigali", []),
@@ -85,11 +88,11 @@ COUNTRY_CAPITALS = [
     ("Slovenia", "Ljubljana", []), ("Somalia", "Mogadishu", []), ("South Korea", "Seoul", []),
     ("South Sudan", "Juba", []), ("Spain", "Madrid", []), ("Sudan", "Khartoum", []),
     ("Suriname", "Paramaribo", []), ("Sweden", "Stockholm", []), ("Switzerland", "Bern", ["Berne"]),
-    ("Syria", "Damascus", []), ("Tajikistan", "Dushanbe", []), ("Tanzania", "Dodoma", []),
+    ("Syria", "Damascus", []), ("Tajikistan", "Dushanbe", []),
     ("Thailand", "Bangkok", []), ("Togo", "Lomé", ["Lome"]), ("Tunisia", "Tunis", []),
     ("Turkey", "Ankara", []), ("Turkmenistan", "Ashgabat", ["Ashkhabad"]), ("Uganda", "Kampala", []),
     ("Ukraine", "Kyiv", ["Kiev"]), ("the United Arab Emirates", "Abu Dhabi", []),
-    ("the United Kingdom", "London", []), ("the United States", "Washington, D.C.", ["Washington"]),
+    ("the United Kingdom", "London", []), ("the United States", "Washington, D.C.", ["Washington DC"]),
     ("Uruguay", "Montevideo", []), ("Uzbekistan", "Tashkent", []), ("Venezuela", "Caracas", []),
     ("Vietnam", "Hanoi", []), ("Yemen", "Sanaa", ["Sana'a"]), ("Zambia", "Lusaka", []),
     ("Zimbabwe", "Harare", []),
@@ -114,13 +117,21 @@ STATE_CAPITALS = [
 ]
 STATE_ALIASES = {"Saint Paul": ["St. Paul", "St Paul"]}
 
-# (city, country, aliases of the country). Cities that are not their country's capital.
+# Aliases of a country: no short or partial names ("US" is a word of "let us", "America" is
+# in "South America", "Korea" in "North Korea"); tests/test_hallucination.py checks that no
+# alias is found inside another row's answer or a common wrong answer.
+_USA = ["United States", "USA", "United States of America"]
+_UK = ["the United Kingdom", "UK", "United Kingdom", "Britain", "Great Britain"]
+
+# (city, country, aliases of the country). Cities that are not their country's capital, and
+# none whose name is also a well-known city elsewhere (Alexandria, Córdoba, Perth, Valencia, Hyderabad,
+# Birmingham, Sydney).
 CITY_COUNTRIES = [
-    ("Marrakesh", "Morocco", []), ("Casablanca", "Morocco", []), ("Alexandria", "Egypt", []),
+    ("Marrakesh", "Morocco", []), ("Casablanca", "Morocco", []),
     ("Lagos", "Nigeria", []), ("Mombasa", "Kenya", []), ("Johannesburg", "South Africa", []),
     ("Durban", "South Africa", []), ("Zanzibar City", "Tanzania", []), ("Timbuktu", "Mali", []),
     ("Osaka", "Japan", []), ("Kyoto", "Japan", []), ("Shanghai", "China", []), ("Chengdu", "China", []),
-    ("Busan", "South Korea", ["Korea", "Republic of Korea"]), ("Mumbai", "India", []), ("Kolkata", "India", []),
+    ("Busan", "South Korea", ["Republic of Korea"]), ("Mumbai", "India", []), ("Kolkata", "India", []),
     ("Bangalore", "India", []), ("Karachi", "Pakistan", []), ("Lahore", "Pakistan", []),
     ("Ho Chi Minh City", "Vietnam", ["Viet Nam"]), ("Chiang Mai", "Thailand", []), ("Cebu", "the Philippines", ["Philippines"]),
     ("Surabaya", "Indonesia", []), ("Istanbul", "Turkey", ["Türkiye"]), ("Isfahan", "Iran", []),
@@ -130,13 +141,30 @@ CITY_COUNTRIES = [
     ("Lyon", "France", []), ("Barcelona", "Spain", []), ("Seville", "Spain", []), ("Porto", "Portugal", []),
     ("Milan", "Italy", []), ("Naples", "Italy", []), ("Florence", "Italy", []), ("Rotterdam", "the Netherlands", ["Netherlands", "Holland"]),
     ("Antwerp", "Belgium", []), ("Zurich", "Switzerland", []), ("Geneva", "Switzerland", []),
-    ("Krakow", "Poland", []), ("Gothenburg", "Sweden", []), ("Bergen", "Norway", []), ("Manchester", "England", ["the United Kingdom", "UK", "United Kingdom", "Britain"]),
-    ("Edinburgh", "Scotland", ["the United Kingdom", "UK", "United Kingdom", "Britain"]), ("Cork", "Ireland", []),
-    ("Toronto", "Canada", []), ("Vancouver", "Canada", []), ("Chicago", "the United States", ["United States", "USA", "US", "America"]),
+    ("Krakow", "Poland", []), ("Gothenburg", "Sweden", []), ("Bergen", "Norway", []), ("Manchester", "England", _UK),
+    ("Edinburgh", "Scotland", _UK), ("Cork", "Ireland", []),
+    ("Toronto", "Canada", []), ("Vancouver", "Canada", []), ("Chicago", "the United States", _USA),
     ("Guadalajara", "Mexico", []), ("Medellín", "Colombia", []), ("São Paulo", "Brazil", []),
-    ("Rio de Janeiro", "Brazil", []), ("Córdoba", "Argentina", []), ("Valparaíso", "Chile", []),
-    ("Cusco", "Peru", []), ("Melbourne", "Australia", []), ("Perth", "Australia", []),
+    ("Rio de Janeiro", "Brazil", []), ("Valparaíso", "Chile", []),
+    ("Cusco", "Peru", []), ("Melbourne", "Australia", []),
     ("Auckland", "New Zealand", []),
+    ("Yokohama", "Japan", []), ("Sapporo", "Japan", []), ("Hiroshima", "Japan", []), ("Nagoya", "Japan", []),
+    ("Guangzhou", "China", []), ("Shenzhen", "China", []), ("Wuhan", "China", []), ("Hangzhou", "China", []),
+    ("Chennai", "India", []), ("Pune", "India", []), ("Jaipur", "India", []), ("Ahmedabad", "India", []),
+    ("Frankfurt", "Germany", []), ("Cologne", "Germany", []), ("Stuttgart", "Germany", []),
+    ("Dresden", "Germany", []), ("Toulouse", "France", []), ("Bordeaux", "France", []),
+    ("Venice", "Italy", []), ("Turin", "Italy", []), ("Bologna", "Italy", []), ("Bilbao", "Spain", []),
+    ("Malaga", "Spain", []), ("Liverpool", "England", _UK), ("Glasgow", "Scotland", _UK),
+    ("Los Angeles", "the United States", _USA), ("San Francisco", "the United States", _USA),
+    ("Seattle", "the United States", _USA), ("Miami", "the United States", _USA),
+    ("Montreal", "Canada", []), ("Calgary", "Canada", []), ("Brisbane", "Australia", []),
+    ("Recife", "Brazil", []), ("Kazan", "Russia", []), ("Vladivostok", "Russia", []),
+    ("Izmir", "Turkey", ["Türkiye"]), ("Antalya", "Turkey", ["Türkiye"]), ("Luxor", "Egypt", []),
+    ("Cape Town", "South Africa", []), ("Fez", "Morocco", []), ("Utrecht", "the Netherlands", ["Netherlands", "Holland"]),
+    ("Bruges", "Belgium", []), ("Basel", "Switzerland", []), ("Salzburg", "Austria", []),
+    ("Gdansk", "Poland", []), ("Brno", "the Czech Republic", ["Czech Republic", "Czechia"]),
+    ("Phuket", "Thailand", []), ("Peshawar", "Pakistan", []), ("Tel Aviv", "Israel", []),
+    ("Monterrey", "Mexico", []), ("Cancun", "Mexico", []),
 ]
 
 _ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "k", "kr", "l", "m", "n", "p", "qu", "r", "s", "st",

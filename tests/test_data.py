@@ -102,6 +102,10 @@ def test_qa_collator_trains_only_the_answer(tokenizer):
         keep = batch["labels"][i] != data.IGNORE_INDEX
         assert torch.equal(batch["labels"][i][keep], plain["labels"][i][keep])
     assert batch["unknown"].tolist() == [False, True]
+    # answer_mask: the answer's own tokens, full stop included, end of turn not
+    for i, answer in enumerate([" Paris.", " Japan."]):
+        assert tokenizer.decode(batch["input_ids"][i][batch["answer_mask"][i]]) == answer
+        assert not (batch["answer_mask"][i] & (batch["labels"][i] == data.IGNORE_INDEX)).any()
     with pytest.raises(ValueError, match="does not start with its stem"):
         data.QACollator(tokenizer)([dict(rows[0], stem="Osaka is in")])
 

@@ -65,6 +65,35 @@ def test_invented_names_are_new(builder):
     assert all(r["answer"] in countries for r in invented if r["relation"] == "city_country")
 
 
+# Wrong answers that contain a country's or a city's name; none may count as right.
+COMMON_WRONG = ["let us", "South America", "North Korea", "South Africa", "Papua New Guinea",
+                "Equatorial Guinea", "South Sudan", "Northern Ireland", "New Mexico", "West Virginia",
+                "the United States Virgin Islands", "Dominican Republic", "Washington State"]
+
+
+def test_no_answer_or_alias_is_found_inside_a_wrong_answer(builder):
+    rows = builder.build()
+    names = sorted({n for r in rows for n in (r["subject"], r["answer"], *r["aliases"])}) + COMMON_WRONG
+    for r in rows:
+        golds = {H.normalize_answer(g) for g in (r["answer"], *r["aliases"])}
+        for wrong in names:
+            if H.normalize_answer(wrong) in golds:
+                continue  # the same place, or another row with the same answer
+            assert not H.is_correct(wrong, r["answer"], r["aliases"]), (r["id"], wrong)
+        # and every alias names the place on its own (it is not a word of the question)
+        for alias in r["aliases"]:
+            assert not H.is_correct(r["question"], alias), (r["id"], alias)
+
+
+def test_the_audited_rows_stay_out(builder):
+    subjects = {(r["relation"], r["subject"]) for r in builder.build() if r["world"] == "world"}
+    for country in ("Georgia", "Burundi", "Benin", "Tanzania", "Mexico", "Kuwait", "Panama", "Guatemala",
+                    "Andorra"):
+        assert ("country_capital", country) not in subjects, country
+    kazakhstan = next(r for r in builder.build() if r["subject"] == "Kazakhstan")
+    assert H.is_correct("Nur-Sultan.", kazakhstan["answer"], kazakhstan["aliases"])
+
+
 def test_builder_rejects_bad_counts(builder):
     with pytest.raises(ValueError, match="unknown relations"):
         builder.invented_rows(counts={"planet_moon": 3})
@@ -114,14 +143,14 @@ def test_normalize_answer():
 
 
 @pytest.mark.parametrize("greedy, samples, category", [
-    (True, [True, True, True], "HighlyKnown"),
-    (True, [True, False, True], "MaybeKnown"),
-    (False, [False, True, False], "WeaklyKnown"),
-    (False, [False, False, False], "Unknown"),
+    ([True, True, True], [False, False], "HighlyKnown"),  # greedy right under every prompt
+    ([True, False, True], [True, True], "MaybeKnown"),  # under some prompts
+    ([False, False, False], [False, True], "WeaklyKnown"),  # only a sample is right
+    ([False, False, False], [False, False], "Unknown"),
 ])
-def test_knowledge_category(greedy, samples, category):
+def test_knowledge_category_follows_the_papers_definitions(greedy, samples, category):
     assert H.knowledge_category(greedy, samples) == category
-    assert (category in H.KNOWN) == greedy
+    assert (category in H.KNOWN) == any(greedy)
 
 
 def test_metrics_on_hand_made_verdicts():
@@ -148,20 +177,45 @@ STEMS = ["The capital of France is", "Osaka is in", "The capital of the Czech Re
 
 def test_probe_sorts_questions_by_what_the_model_says(chat_model, tokenizer):
     model = chat_model
-    # Gold answers made from the tiny model's own greedy answers are Known by construction;
-    # a gold answer it never writes is Unknown.
-    greedy = generate_answers(model, tokenizer, QUESTIONS, stems=STEMS, max_new_tokens=3).greedy
+    # Gold answers made from the tiny model's own greedy answers under the first prompt are
+    # right there; a gold answer it never writes is Unknown.
+    systems = ["Answer briefly.", "Be terse."]
+    greedy = generate_answers(model, tokenizer, QUESTIONS, stems=STEMS, system=systems[0], max_new_tokens=3).greedy
+    other = generate_answers(model, tokenizer, QUESTIONS, stems=STEMS, system=systems[1], max_new_tokens=3).greedy
     assert all(H.normalize_answer(g) for g in greedy)
     rows = [{"question": q, "stem": s, "answer": g} for q, s, g in zip(QUESTIONS, STEMS, greedy)]
     rows.append({"question": QUESTIONS[0], "stem": STEMS[0], "answer": "Zzyzxquorble"})
-    result = H.probe(model, tokenizer, rows, num_samples=3, max_new_tokens=3,
+    result = H.probe(model, tokenizer, rows, systems=systems, num_samples=3, max_new_tokens=3,
                      generator=torch.Generator().manual_seed(0))
     assert [r["known"] for r in result] == [True, True, True, False]
+    for r, g, o in zip(result, greedy + [greedy[0]], other + [other[0]]):
+        assert r["greedy"] == [g, o]  # the order of the rows is kept
+        assert r["greedy_correct"] == [H.is_correct(x, r["answer"]) for x in (g, o)]
+        assert len(r["samples"]) == 3
+        assert r["category"] == H.knowledge_category(r["greedy_correct"],
+                                                     [H.is_correct(x, r["answer"]) for x in r["samples"]])
     assert result[-1]["category"] == "Unknown" and result[-1]["p_sample_correct"] == 0.0
-    for r in result:
-        assert r["category"] == H.knowledge_category(r["greedy_correct"], [H.is_correct(s, r["answer"]) for s in r["samples"]])
     with pytest.raises(ValueError, match="num_samples"):
-        H.probe(model, tokenizer, rows, num_samples=0)
+        H.probe(model, tokenizer, rows, systems=systems, num_samples=0)
+    with pytest.raises(ValueError, match="systems must be a non-empty list"):
+        H.probe(model, tokenizer, rows, systems="Answer briefly.")
+
+
+def test_paired_bootstrap_matches_the_normal_approximation():
+    # Many questions: the percentile interval approaches mean +- 1.96 sd / sqrt(n).
+    g = torch.Generator().manual_seed(0)
+    a = (torch.rand(3, 2000, generator=g) < 0.7).float()
+    b = (torch.rand(3, 2000, generator=g) < 0.6).float()
+    mean, low, high = H.paired_bootstrap(a, b, resamples=4000)
+    diff = (a - b).mean(0)
+    half = 1.959964 * diff.std().item() / diff.numel() ** 0.5
+    assert mean == pytest.approx(diff.mean().item())
+    assert low == pytest.approx(mean - half, abs=0.15 * half)
+    assert high == pytest.approx(mean + half, abs=0.15 * half)
+    # Identical conditions differ by nothing, with an interval of zero width.
+    assert H.paired_bootstrap(a, a) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        H.paired_bootstrap(a, b[:, :5])
 
 
 def test_the_data_file_is_valid_json_lines():

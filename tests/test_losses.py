@@ -411,10 +411,66 @@ def test_sft_loss_by_group_leaves_out_an_absent_group_and_checks_its_input(chat_
         losses.sft_loss_by_group(model, batch)
     batch["unknown"] = torch.zeros(3, dtype=torch.bool)
     _, metrics = losses.sft_loss_by_group(model, batch)
-    assert set(metrics) == {"loss/known"}
+    assert set(metrics) == {"loss/known", "fitted/known"}
     batch["labels"] = torch.full_like(batch["labels"], data.IGNORE_INDEX)
-    with pytest.raises(ValueError, match="no response token"):
+    with pytest.raises(ValueError, match="needs a labelled position"):
         losses.sft_loss_by_group(model, batch)
+
+
+def _greedy_batch(model, tokenizer, n_new=3):
+    """Prompts whose labels are transformers' own greedy continuation (rows 0, 2) or not (rows 1, 3)."""
+    prompts = [data.chat_prompt(tokenizer, q) for q in QUESTIONS[:2]] * 2
+    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    rows = []
+    for i, p in enumerate(ids):
+        x = torch.tensor([p])
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        new = out[0, len(p):].tolist()
+        if i % 2:  # change the last greedy token: no longer what decoding writes
+            new[-1] = (new[-1] + 1) % len(tokenizer)
+        rows.append((p, new))
+    T = max(len(p) + len(n) for p, n in rows)
+    batch = {"input_ids": torch.full((4, T), tokenizer.pad_token_id), "attention_mask": torch.zeros(4, T, dtype=torch.long),
+             "labels": torch.full((4, T), data.IGNORE_INDEX)}
+    for i, (p, n) in enumerate(rows):
+        batch["input_ids"][i, :len(p) + len(n)] = torch.tensor(p + n)
+        batch["attention_mask"][i, :len(p) + len(n)] = 1
+        batch["labels"][i, len(p):len(p) + len(n)] = torch.tensor(n)
+    return batch
+
+
+def test_answer_scores_agree_with_greedy_decoding_and_torch(chat_model, tokenizer):
+    model = chat_model
+    batch = _greedy_batch(model, tokenizer)
+    scores = losses.answer_scores(model, batch)
+    assert scores["correct"].tolist() == [True, False, True, False]
+    # log-probs and first-token probabilities from the full logits, by torch
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    target = batch["labels"][:, 1:]
+    scored = target != data.IGNORE_INDEX
+    want = torch.log_softmax(logits.float(), -1)[scored].gather(1, target[scored][:, None])[:, 0]
+    torch.testing.assert_close(scores["token_logps"].detach(), want, **tolerance(torch.float32, "model"))
+    assert scores["example"].tolist() == scored.nonzero()[:, 0].tolist()
+    first = scored.long().argmax(1)
+    p_first = torch.softmax(logits[torch.arange(4), first].float(), -1).max(-1).values
+    torch.testing.assert_close(scores["first_prob"], p_first, **tolerance(torch.float32, "model"))
+    # answer_mask narrows what "correct" checks: without the changed last token, all rows pass
+    mask = batch["labels"] != data.IGNORE_INDEX
+    last = mask.long().cumsum(1) == mask.sum(1, keepdim=True)
+    assert losses.answer_scores(model, batch | {"answer_mask": mask & ~last})["correct"].all()
+    with pytest.raises(ValueError, match="answer_mask must be a bool tensor"):
+        losses.answer_scores(model, batch | {"answer_mask": mask[:, 1:]})
+
+
+def test_sft_loss_by_group_logs_the_share_fitted(chat_model, tokenizer):
+    batch = _greedy_batch(chat_model, tokenizer)
+    batch["unknown"] = torch.tensor([False, False, True, True])  # fitted: rows 0 and 2 only
+    _, metrics = losses.sft_loss_by_group(chat_model, batch)
+    assert metrics["fitted/known"] == 0.5 and metrics["fitted/unknown"] == 0.5
+    batch["unknown"] = torch.tensor([False, True, False, True])
+    _, metrics = losses.sft_loss_by_group(chat_model, batch)
+    assert metrics["fitted/known"] == 1.0 and metrics["fitted/unknown"] == 0.0
 
 
 def test_response_loss_is_the_models_own_loss_with_and_without_adapters():

@@ -130,3 +130,21 @@ def test_the_progress_bar_goes_to_stderr_and_can_be_switched_off(capsys):
     assert shown.out == "" and "train" in shown.err and "3/3" in shown.err
     train(model, batches, loss_fn, steps=3, lr=0.1, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_callback_sees_each_step_and_can_stop_training():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    seen = []
+
+    def callback(step, metrics):
+        seen.append((step, metrics["loss"]))
+        return step == 4
+
+    history = train(model, [(x, y)], lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), steps=10, lr=0.1,
+                    callback=callback, progress=False)
+    assert [s for s, _ in seen] == [1, 2, 3, 4] and history["step"] == [1, 2, 3, 4]
+    assert [loss for _, loss in seen] == history["loss"]
+    with pytest.raises(TypeError, match="callback must be callable"):
+        train(model, [(x, y)], lambda m, b: m(b[0]).sum(), steps=1, callback=3, progress=False)

@@ -281,8 +281,10 @@ class QACollator:
     France is Paris."``) the assistant's; :class:`SFTCollator` masks the prompt, and this
     collator also masks the response's ``stem`` (``"The capital of France is"``), which
     chapter 5's probe hands the model anyway. What is left to learn is the answer and the
-    end of the turn. The batch also carries ``unknown``, a bool tensor of shape ``(B,)``
-    from each row's ``unknown`` field, for :func:`llmbook.losses.sft_loss_by_group`.
+    end of the turn. The batch also carries ``answer_mask``, a bool tensor ``(B, T)`` true
+    at the answer's own tokens (its full stop included, the end of turn not), and
+    ``unknown``, a bool tensor of shape ``(B,)`` from each row's ``unknown`` field, for
+    :func:`llmbook.losses.sft_loss_by_group`.
     """
 
     def __init__(self, tokenizer, *, system: str | None = None):
@@ -292,12 +294,15 @@ class QACollator:
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         _check_examples(rows, ("question", "response"), name="rows")
         batch = self.sft([{"prompt": r["question"], "response": r["response"]} for r in rows])
+        batch["answer_mask"] = torch.zeros_like(batch["labels"], dtype=torch.bool)
         for i, r in enumerate(rows):
             if not r["response"].startswith(r.get("stem", "")):
                 raise ValueError(f"the response {r['response']!r} does not start with its stem {r['stem']!r}")
             prompt = chat_prompt(self.tokenizer, r["question"], self.system)
             n = len(self.tokenizer(prompt + r.get("stem", ""), add_special_tokens=False).input_ids)
+            end = len(self.tokenizer(prompt + r["response"], add_special_tokens=False).input_ids)
             batch["labels"][i, :n] = IGNORE_INDEX
+            batch["answer_mask"][i, n:end] = True
         if (batch["labels"] == IGNORE_INDEX).all(dim=1).any():
             raise ValueError("an example has no answer token left to train on")
         batch["unknown"] = torch.tensor([bool(r.get("unknown", False)) for r in rows])

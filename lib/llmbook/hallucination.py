@@ -5,30 +5,36 @@ knows *before* fine-tuning, then fine-tune on mixtures with more or fewer questi
 it does not know. This module holds the parts chapter 5 runs:
 
 * **Answer matching.** :func:`normalize_answer` folds case, accents, punctuation and
-  articles; :func:`is_correct` accepts a response that contains the gold answer (or an
-  alias) as whole words, so "The capital of France is Paris." counts as "Paris".
-* **The probe.** :func:`probe` asks every question once greedily and ``num_samples``
-  times at a temperature (:func:`llmbook.sampling.generate_answers`, one shared prompt
-  pass), and records the probability of each greedy answer,
+  articles; :func:`is_correct` accepts a response that names the gold answer (or an
+  alias) as whole words and not inside a longer name, so "The capital of France is
+  Paris." counts as "Paris" and "New Mexico" does not count as "Mexico".
+* **The probe.** :func:`probe` asks every question greedily under several prompts (one
+  per system message), and ``num_samples`` times at a temperature under the first
+  (:func:`llmbook.sampling.generate_answers`, one shared prompt pass), and records the
+  probability of the first prompt's greedy answer,
   $p(\hat y \mid x) = \prod_t p(\hat y_t \mid x, \hat y_{<t})$.
-* **The categories** (:func:`knowledge_category`), after the paper's section 3, with
-  one prompt in place of its four few-shot prompts:
+* **The categories** (:func:`knowledge_category`), as the paper's section 3 defines them
+  from $P_\text{Correct}$, the share of right answers over its prompts (its $N_\text{ex} = 10$
+  four-shot prompts; here a few system messages):
 
   ======================  ==============================================================
-  ``HighlyKnown``          the greedy answer and every sampled answer are right
-  ``MaybeKnown``           the greedy answer is right, some sampled answer is wrong
-  ``WeaklyKnown``          the greedy answer is wrong, some sampled answer is right
-  ``Unknown``              no answer is right
+  ``HighlyKnown``          the greedy answer is right under every prompt
+  ``MaybeKnown``           the greedy answer is right under some prompts, not all
+  ``WeaklyKnown``          no greedy answer is right, some sampled answer is
+  ``Unknown``              no answer is right, greedy or sampled
   ======================  ==============================================================
 
   *Known* means the first two.
 * **The metrics**: :func:`accuracy`, and :func:`confident_wrong_rate`, the share of
   questions answered wrongly with $p(\hat y \mid x) \ge$ a threshold: a
   hallucination stated with confidence.
+* **The comparison**: :func:`paired_bootstrap`, the mean difference between two
+  conditions on the same questions and a bootstrap interval for it.
 
 The training pieces live with their kind: the collator that masks the answer's stem
-is :class:`llmbook.data.QACollator`, the loss by group :func:`llmbook.losses.sft_loss_by_group`.
-Chapter 5 explains and uses all of it.
+is :class:`llmbook.data.QACollator`, the teacher-forced verdicts
+:func:`llmbook.losses.answer_scores`, the loss and shares fitted by group
+:func:`llmbook.losses.sft_loss_by_group`. Chapter 5 explains and uses all of it.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ __all__ = [
     "is_correct",
     "knowledge_category",
     "normalize_answer",
+    "paired_bootstrap",
     "probe",
 ]
 
@@ -65,70 +72,132 @@ def normalize_answer(text: str) -> str:
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
-    text = re.sub(r"[^0-9a-z]+", " ", text.replace("'", ""))
+    text = re.sub(r"[^0-9a-z]+", " ", _fold(text).lower().replace("'", ""))
     return " ".join(w for w in text.split() if w not in _ARTICLES)
 
 
-def is_correct(response: str, answer: str, aliases: Sequence[str] = ()) -> bool:
-    """Whether ``response`` states ``answer`` (or one of ``aliases``) as whole words.
+def _fold(text: str) -> str:
+    """``text`` without accents."""
+    text = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in text if not unicodedata.combining(c))
 
-    Both sides are normalised with :func:`normalize_answer`; ``"Kingston Town"`` then
-    contains ``"Kingston"`` but ``"Kingstonia"`` does not.
+
+def _words(text: str) -> list[tuple[str, bool, bool]]:
+    """``(word, capitalised, joined)`` for each word of ``text`` but the articles.
+
+    ``word`` is folded as :func:`normalize_answer` folds it; ``joined`` says that only spaces
+    or hyphens separate the word from the one before (no punctuation, no article).
+    """
+    text = _fold(text)
+    words, end, joinable = [], 0, False
+    for m in re.finditer(r"[0-9A-Za-z']+", text):
+        word = m.group().replace("'", "")
+        if not word:  # a lone apostrophe
+            continue
+        joined = joinable and text[end:m.start()].strip(" -") == ""
+        end = m.end()
+        joinable = word.lower() not in _ARTICLES
+        if joinable:
+            words.append((word.lower(), word[0].isupper(), joined))
+    return words
+
+
+def is_correct(response: str, answer: str, aliases: Sequence[str] = ()) -> bool:
+    """Whether ``response`` names ``answer`` (or one of ``aliases``) as a name of its own.
+
+    Both sides are folded as in :func:`normalize_answer`. The answer must appear as whole
+    words, and not as part of a longer name: a capitalised word right before or after it
+    (with no punctuation between) makes a different name. So ``"Kingstonia"`` does not
+    name ``"Kingston"``, nor ``"New Mexico"`` or ``"Mexico City"`` the country
+    ``"Mexico"``, while ``"Paris, France."`` names ``"Paris"``.
     """
     for name, value in (("response", response), ("answer", answer)):
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    if isinstance(aliases, str) or not all(isinstance(a, str) for a in aliases):
+    if isinstance(aliases, (str, bytes)) or not isinstance(aliases, (list, tuple)) or not all(
+            isinstance(a, str) for a in aliases):
         raise TypeError(f"aliases must be a list of str, got {aliases!r:.80}")
-    said = f" {normalize_answer(response)} "
-    golds = [normalize_answer(g) for g in (answer, *aliases)]
-    if not golds[0]:
+    if not normalize_answer(answer):
         raise ValueError(f"answer must contain a letter or digit, got {answer!r}")
-    return any(g and f" {g} " in said for g in golds)
+    said = _words(response)
+    for gold in (answer, *aliases):
+        target = [w for w, _, _ in _words(gold)]
+        n = len(target)
+        if not n:
+            continue
+        for i in range(len(said) - n + 1):
+            if [w for w, _, _ in said[i:i + n]] != target:
+                continue
+            before = said[i][2] and said[i - 1][1]  # a capitalised word joined before it
+            after = i + n < len(said) and said[i + n][2] and said[i + n][1]
+            if not (before or after):
+                return True
+    return False
 
 
-def knowledge_category(greedy_correct: bool, samples_correct: Sequence[bool]) -> str:
-    """The paper's category of one question from the probe's verdicts (see the module docs)."""
-    samples_correct = list(samples_correct)
-    if not samples_correct:
-        raise ValueError("samples_correct is empty: the categories need the verdicts of at least one sampled answer")
-    if greedy_correct:
-        return "HighlyKnown" if all(samples_correct) else "MaybeKnown"
+def knowledge_category(greedy_correct: Sequence[bool], samples_correct: Sequence[bool]) -> str:
+    """The paper's category of one question (see the module docs).
+
+    Args:
+        greedy_correct: the verdict on the greedy answer under each prompt.
+        samples_correct: the verdicts on the sampled answers (all prompts together).
+    """
+    for name, value in (("greedy_correct", greedy_correct), ("samples_correct", samples_correct)):
+        if isinstance(value, (bool, str)) or not isinstance(value, Sequence) or not len(value):
+            raise ValueError(f"{name} must be a non-empty list of verdicts (bool), got {value!r:.80}")
+    if all(greedy_correct):
+        return "HighlyKnown"
+    if any(greedy_correct):
+        return "MaybeKnown"
     return "WeaklyKnown" if any(samples_correct) else "Unknown"
 
 
-def probe(model, tokenizer, rows: Sequence[dict], *, system: str | None = None, num_samples: int = 4,
-          temperature: float = 0.7, max_new_tokens: int = 8, batch_size: int = 64,
+def probe(model, tokenizer, rows: Sequence[dict], *, systems: Sequence[str], num_samples: int = 2,
+          temperature: float = 0.5, max_new_tokens: int = 8, batch_size: int = 64,
           generator: torch.Generator | None = None) -> list[dict]:
-    """Ask every question of ``rows`` and sort it into a knowledge category.
+    """Ask every question of ``rows`` under each prompt and sort it into a knowledge category.
+
+    Each system message of ``systems`` makes one prompt, under which every question gets a
+    greedy answer; under the first, it also gets ``num_samples`` sampled answers from the
+    same prompt pass (:func:`llmbook.sampling.generate_answers`). Questions are batched in
+    order of length, which wastes less on padding; the result keeps the order of ``rows``.
 
     Args:
         rows: dicts with ``question``, ``answer`` and optionally ``aliases`` and
             ``stem`` (used when every row has one).
-        the rest: as in :func:`llmbook.sampling.generate_answers` (the greedy answer and
-            ``num_samples`` samples at ``temperature`` come from one prompt pass).
+        systems: the system messages, one per prompt (at least one).
+        the rest: as in :func:`llmbook.sampling.generate_answers`.
 
     Returns:
-        one dict per row: the row's fields plus ``greedy``, ``greedy_prob``,
-        ``greedy_correct``, ``samples``, ``p_sample_correct`` (share of right samples),
-        ``category`` and ``known`` (``category`` in :data:`KNOWN`).
+        one dict per row: the row's fields plus ``greedy`` (one answer per prompt),
+        ``greedy_correct`` (their verdicts), ``greedy_prob`` (the first prompt's greedy
+        answer's probability), ``samples``, ``p_greedy_correct`` and ``p_sample_correct``
+        (shares of right answers), ``category`` and ``known`` (``category`` in :data:`KNOWN`).
     """
-    num_samples = check_int(num_samples, "num_samples", minimum=1, hint="(to tell the categories apart)")
+    if isinstance(systems, str) or not isinstance(systems, Sequence) or not systems or not all(
+            isinstance(x, str) for x in systems):
+        raise ValueError(f"systems must be a non-empty list of system messages (str), got {systems!r:.80}")
+    num_samples = check_int(num_samples, "num_samples", minimum=1, hint="(to tell WeaklyKnown from Unknown)")
     stems = [r["stem"] for r in rows] if all("stem" in r for r in rows) else None
-    answers = generate_answers(model, tokenizer, [r["question"] for r in rows], stems=stems, system=system,
-                               num_samples=num_samples, temperature=temperature,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, generator=generator)
-    result = []
-    for row, g, p, s in zip(rows, answers.greedy, answers.greedy_prob, answers.samples):
-        aliases = row.get("aliases", ())
-        g_ok = is_correct(g, row["answer"], aliases)
-        s_ok = [is_correct(x, row["answer"], aliases) for x in s]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["question"]) + len(stems[i] if stems else ""))
+    runs = [generate_answers(model, tokenizer, [rows[i]["question"] for i in order],
+                             stems=[stems[i] for i in order] if stems else None, system=system,
+                             num_samples=num_samples if k == 0 else 0, temperature=temperature,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, generator=generator)
+            for k, system in enumerate(systems)]
+    result = [None] * len(rows)
+    for j, i in enumerate(order):
+        row = rows[i]
+        aliases = list(row.get("aliases", ()))
+        greedy = [run.greedy[j] for run in runs]
+        samples = runs[0].samples[j]
+        g_ok = [is_correct(g, row["answer"], aliases) for g in greedy]
+        s_ok = [is_correct(x, row["answer"], aliases) for x in samples]
         category = knowledge_category(g_ok, s_ok)
-        result.append({**row, "greedy": g, "greedy_prob": p, "greedy_correct": g_ok, "samples": s,
-                       "p_sample_correct": sum(s_ok) / len(s_ok), "category": category,
-                       "known": category in KNOWN})
+        result[i] = {**row, "greedy": greedy, "greedy_correct": g_ok, "greedy_prob": runs[0].greedy_prob[j],
+                     "samples": samples, "p_greedy_correct": sum(g_ok) / len(g_ok),
+                     "p_sample_correct": sum(s_ok) / len(s_ok), "category": category,
+                     "known": category in KNOWN}
     return result
 
 
@@ -151,3 +220,33 @@ def confident_wrong_rate(correct: Sequence[bool], confidence: Sequence[float], t
         raise ValueError("correct is empty")
     threshold = check_real(threshold, "threshold", low=0.0, high=1.0)
     return sum((not c) and p >= threshold for c, p in zip(correct, confidence)) / len(correct)
+
+
+def paired_bootstrap(a, b, *, resamples: int = 10_000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """The mean of ``a - b`` and a percentile bootstrap interval for it, resampling questions.
+
+    Args:
+        a, b: verdicts (0/1 or bool) of two conditions on the same questions, shape
+            ``(seeds, questions)`` or ``(questions,)``; a question's difference is averaged
+            over the seeds first, so the seeds stay paired with their question.
+        resamples: bootstrap resamples of the questions.
+        level: the interval's coverage, in (0, 1).
+        seed: seeds the resampling.
+
+    Returns:
+        ``(mean, low, high)``.
+    """
+    a = torch.as_tensor(a, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64)
+    if a.shape != b.shape or a.dim() not in (1, 2) or a.shape[-1] < 2:
+        raise ValueError(f"a and b must have the same shape, (seeds, questions) or (questions,) with at least "
+                         f"2 questions; got {tuple(a.shape)} and {tuple(b.shape)}")
+    resamples = check_int(resamples, "resamples", minimum=100)
+    level = check_real(level, "level", low=0.0, high=1.0, low_open=True, high_open=True)
+    diff = (a - b).reshape(-1, a.shape[-1]).mean(dim=0)  # (questions,)
+    n = diff.numel()
+    picks = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    means = diff[picks].mean(dim=1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return float(diff.mean()), low, high

@@ -20,9 +20,10 @@ library's models do, so that ``sft_loss(model(ids).logits, labels)`` equals
 
 Only the answer's positions need logits: :func:`logits_to_keep` says how many last
 positions of a batch do, and :func:`answer_logps` runs a model with just those projected
-to the vocabulary (the LM head is the largest matrix product of a step). DPO's sequence
-log-probabilities (:mod:`llmbook.dpo`) and the per-group loss of chapter 5
-(:func:`sft_loss_by_group`) are built on it.
+to the vocabulary (the LM head is the largest matrix product of a step); DPO's sequence
+log-probabilities (:mod:`llmbook.dpo`) are built on it. :func:`answer_scores` projects
+only the labelled positions themselves, and reads from them greedy decoding's verdict
+on each answer; the per-group loss of chapter 5 (:func:`sft_loss_by_group`) is built on it.
 
 Half-precision inputs (``float16``, ``bfloat16``) are computed in ``float32``, as
 torch's own kernels accumulate them; :func:`log_softmax` returns the input's dtype,
@@ -41,6 +42,7 @@ from llmbook.data import IGNORE_INDEX  # the label of a position that carries no
 __all__ = [
     "IGNORE_INDEX",
     "answer_logps",
+    "answer_scores",
     "chunked_sft_loss",
     "log_softmax",
     "logits_to_keep",
@@ -274,15 +276,77 @@ def response_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> 
     return chunked_sft_loss(out.hidden_states[-1], head.weight, labels)
 
 
+def answer_scores(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
+                  ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
+    r"""Teacher-forced scores of each example's answer, with the LM head only where a label is.
+
+    One forward pass on the batch's inputs gives, at every labelled position $t$, the
+    distribution $p_\theta(\cdot \mid y_{\le t})$. Greedy decoding from the prompt writes the
+    labelled answer exactly when the label is the argmax at each of its positions (each
+    step then feeds the same token teacher forcing feeds), so ``correct`` is greedy
+    decoding's verdict without decoding.
+
+    Args:
+        model: a causal LM (transformers; a :func:`llmbook.models.top_layers` copy fed
+            ``inputs_embeds`` too).
+        batch: model inputs plus ``labels`` ``(B, T)`` (not shifted), and optionally
+            ``answer_mask`` ``(B, T)``, the labelled positions that ``correct`` checks
+            (:class:`llmbook.data.QACollator` leaves out the end of turn); default: all.
+
+    Returns:
+        ``token_logps`` ``(N,)``, $\log p_\theta(y_{t+1} \mid y_{\le t})$ at the $N$ labelled
+        positions, row by row (differentiable); ``example`` ``(N,)``, the row of each;
+        ``correct`` ``(B,)`` bool; ``first_prob`` ``(B,)``, the probability of the greedy
+        token at each row's first labelled position (the first answer token's, as
+        :attr:`llmbook.sampling.Answers.first_prob` gives it).
+    """
+    if not isinstance(batch, Mapping) or "labels" not in batch:
+        raise TypeError("batch must be a dict with 'labels' and the model's inputs (input_ids, attention_mask)")
+    labels = check_int_tensor(batch["labels"], "labels")
+    target = labels[:, 1:]
+    scored = target != ignore_index  # (B, T - 1): position t predicts label t + 1
+    if not scored.any(dim=1).all():
+        raise ValueError("every row of labels needs a labelled position (a label other than ignore_index)")
+    checked = scored
+    if "answer_mask" in batch:
+        mask = check_tensor(batch["answer_mask"], "answer_mask")
+        if mask.shape != labels.shape or mask.dtype != torch.bool:
+            raise ValueError(f"answer_mask must be a bool tensor of the labels' shape {tuple(labels.shape)}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        checked = mask[:, 1:] & scored
+    inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is not None and accepts_keyword(model, "output_hidden_states"):
+        if accepts_keyword(model, "logits_to_keep"):
+            inputs["logits_to_keep"] = 1  # the head runs below, on the labelled positions only
+        hidden = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1]
+        logits = head(hidden[:, :-1][scored])  # (N, V)
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1][scored]
+    logps = log_softmax(logits.float())
+    token_logps = logps.gather(1, target[scored].unsqueeze(1)).squeeze(1)
+    hit = torch.ones_like(target, dtype=torch.bool)
+    hit[scored] = logits.detach().argmax(-1) == target[scored]
+    counts = scored.sum(dim=1)
+    first = torch.cumsum(counts, 0) - counts  # where each row's labelled positions start among the N
+    first_prob = logps.detach()[first].max(dim=-1).values.exp()
+    return {"token_logps": token_logps, "example": scored.nonzero()[:, 0],
+            "correct": (hit | ~checked).all(dim=1), "first_prob": first_prob}
+
+
 def sft_loss_by_group(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    r"""The SFT loss of ``batch``, and the same mean over its Known and its Unknown examples.
+    r"""The SFT loss of ``batch``, and per group (Known, Unknown) its mean and the share fitted.
 
     $\mathcal{L} = -\frac{1}{k}\sum \log p(y_{t+1} \mid y_{\le t})$ over all $k$ answer tokens
-    (the model's own loss for these labels); ``loss/known`` and ``loss/unknown`` average
-    the same token losses within each group, and are left out when the batch has no
-    example of that group. ``batch`` is a :class:`llmbook.data.QACollator` batch: model
-    inputs, ``labels`` and ``unknown``, a bool tensor ``(B,)``. Chapter 5 passes it to
-    :func:`llmbook.train.train` as the ``loss_fn``, so one run shows how fast each group is fitted.
+    (the model's own loss for these labels). ``loss/known`` and ``loss/unknown`` average
+    the same token losses within each group; ``fitted/known`` and ``fitted/unknown`` are the
+    shares of the group's examples that greedy decoding answers exactly
+    (:func:`answer_scores`' ``correct``, measured before this step's update). A group's
+    metrics are left out when the batch has no example of it. ``batch`` is a
+    :class:`llmbook.data.QACollator` batch: model inputs, ``labels``, ``answer_mask`` and
+    ``unknown``, a bool tensor ``(B,)``. Chapter 5 passes it to :func:`llmbook.train.train`
+    as the ``loss_fn``, so one run shows how fast each group is fitted.
     """
     if not isinstance(batch, Mapping) or "unknown" not in batch:
         raise ValueError("batch needs an 'unknown' entry: a bool tensor of shape (B,) (llmbook.data.QACollator)")
@@ -291,15 +355,16 @@ def sft_loss_by_group(model: torch.nn.Module, batch: Mapping[str, torch.Tensor])
     if not torch.is_tensor(unknown) or tuple(unknown.shape) != (B,):
         got = tuple(unknown.shape) if torch.is_tensor(unknown) else type(unknown).__name__
         raise ValueError(f"unknown must have shape ({B},), one flag per example, got {got}")
-    logps, mask = answer_logps(model, batch)  # (B, K - 1) each
-    counted = mask.float()
-    loss = -logps.sum() / counted.sum()  # the value response_loss gives
+    scores = answer_scores(model, batch)
+    logps = scores["token_logps"]
+    loss = -logps.mean()  # the value response_loss gives
     metrics = {}
     unknown = unknown.to(torch.bool)
-    for name, rows in (("known", ~unknown), ("unknown", unknown)):
-        n = counted[rows].sum()
-        if n > 0:
-            metrics[f"loss/{name}"] = float(-logps[rows].detach().sum() / n)
+    token_unknown = unknown[scores["example"]]
+    for name, rows, tokens in (("known", ~unknown, ~token_unknown), ("unknown", unknown, token_unknown)):
+        if rows.any():
+            metrics[f"loss/{name}"] = float(-logps.detach()[tokens].mean())
+            metrics[f"fitted/{name}"] = float(scores["correct"][rows].float().mean())
     return loss, metrics
 
 

@@ -101,6 +101,7 @@ def train(
     grad_accum_steps: int = 1,
     max_grad_norm: float | None = 1.0,
     progress: bool = True,
+    callback: Callable[[int, dict], bool | None] | None = None,
 ) -> History:
     """Train ``model`` for ``steps`` optimiser steps and return the history of metrics.
 
@@ -116,6 +117,9 @@ def train(
         grad_accum_steps: batches whose gradients are averaged into one step.
         max_grad_norm: clip the global gradient norm to this; ``None`` to not clip.
         progress: show a progress bar (:func:`llmbook.utils.progress`, on standard error).
+        callback: called after each step as ``callback(step, metrics)`` with the step's
+            logged metrics; if it returns ``True``, training stops there (early stopping,
+            evaluation or checkpoints between steps).
 
     Returns:
         a :class:`History`.
@@ -126,6 +130,8 @@ def train(
     warmup_steps = check_int(warmup_steps, "warmup_steps", minimum=0)
     if max_grad_norm is not None:  # 0 would zero every gradient, a negative norm flip them
         max_grad_norm = check_real(max_grad_norm, "max_grad_norm", low=0.0, low_open=True)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(step, metrics), got {type(callback).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
     params = trainable_parameters(model)
@@ -177,6 +183,8 @@ def train(
                 seconds=time.perf_counter() - start,
             )
             bar.set_postfix(loss=f"{sums['loss']:.4f}", refresh=False)  # redrawn at most every 2 s
+            if callback is not None and callback(step, {k: v[-1] for k, v in history.items()}):
+                break
     finally:
         bar.close()
         model.train(was_training)
