@@ -47,6 +47,7 @@ import torch
 
 from llmbook._checks import check_int, check_real
 from llmbook.sampling import generate_answers
+from llmbook.utils import progress as show_progress
 
 __all__ = [
     "CATEGORIES",
@@ -154,7 +155,7 @@ def knowledge_category(greedy_correct: Sequence[bool], samples_correct: Sequence
 
 def probe(model, tokenizer, rows: Sequence[dict], *, systems: Sequence[str], num_samples: int = 2,
           temperature: float = 0.5, max_new_tokens: int = 8, batch_size: int = 64,
-          generator: torch.Generator | None = None) -> list[dict]:
+          generator: torch.Generator | None = None, progress: bool = False) -> list[dict]:
     """Ask every question of ``rows`` under each prompt and sort it into a knowledge category.
 
     Each system message of ``systems`` makes one prompt, under which every question gets a
@@ -166,6 +167,7 @@ def probe(model, tokenizer, rows: Sequence[dict], *, systems: Sequence[str], num
         rows: dicts with ``question``, ``answer`` and optionally ``aliases`` and
             ``stem`` (used when every row has one).
         systems: the system messages, one per prompt (at least one).
+        progress: show a bar over the prompts (:func:`llmbook.utils.progress`).
         the rest: as in :func:`llmbook.sampling.generate_answers`.
 
     Returns:
@@ -184,7 +186,7 @@ def probe(model, tokenizer, rows: Sequence[dict], *, systems: Sequence[str], num
                              stems=[stems[i] for i in order] if stems else None, system=system,
                              num_samples=num_samples if k == 0 else 0, temperature=temperature,
                              max_new_tokens=max_new_tokens, batch_size=batch_size, generator=generator)
-            for k, system in enumerate(systems)]
+            for k, system in enumerate(show_progress(systems, desc="probe", disable=not progress))]
     result = [None] * len(rows)
     for j, i in enumerate(order):
         row = rows[i]
