@@ -263,17 +263,27 @@ def response_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> 
     if not isinstance(batch, Mapping) or "labels" not in batch:
         raise TypeError("batch must be a dict with 'labels' and the model's inputs (input_ids, attention_mask)")
     labels = check_int_tensor(batch["labels"], "labels")
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if (head is None or getattr(head, "bias", None) is not None
-            or not accepts_keyword(model, "output_hidden_states")):
+    head = _output_head(model)
+    if head is None or getattr(head, "bias", None) is not None:
         logps, mask = answer_logps(model, batch)  # (B, K - 1) each, logps 0 where mask is False
         return -logps.sum() / mask.sum()
+    return chunked_sft_loss(_last_hidden(model, batch), head.weight, labels)
+
+
+def _output_head(model: torch.nn.Module):
+    """The model's output layer if it can be applied to the last hidden state by hand, else ``None``."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return head if head is not None and accepts_keyword(model, "output_hidden_states") else None
+
+
+def _last_hidden(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The last hidden state (after the final norm) for ``batch``'s inputs; the model's own head
+    projects one position only, since the caller applies the head where it needs it."""
     inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
     if accepts_keyword(model, "logits_to_keep"):
-        inputs["logits_to_keep"] = 1  # the logits are not used; the head runs in chunked_sft_loss
-    out = model(**inputs, output_hidden_states=True, use_cache=False)
-    return chunked_sft_loss(out.hidden_states[-1], head.weight, labels)
+        inputs["logits_to_keep"] = 1
+    return model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1]
 
 
 def answer_scores(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
@@ -314,15 +324,11 @@ def answer_scores(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
             raise ValueError(f"answer_mask must be a bool tensor of the labels' shape {tuple(labels.shape)}, "
                              f"got {mask.dtype} {tuple(mask.shape)}")
         checked = mask[:, 1:] & scored
-    inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if head is not None and accepts_keyword(model, "output_hidden_states"):
-        if accepts_keyword(model, "logits_to_keep"):
-            inputs["logits_to_keep"] = 1  # the head runs below, on the labelled positions only
-        hidden = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1]
-        logits = head(hidden[:, :-1][scored])  # (N, V)
+    head = _output_head(model)
+    if head is not None:  # the head on the labelled positions only
+        logits = head(_last_hidden(model, batch)[:, :-1][scored])  # (N, V)
     else:
+        inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
         logits = model(**inputs, use_cache=False).logits[:, :-1][scored]
     logps = log_softmax(logits.float())
     token_logps = logps.gather(1, target[scored].unsqueeze(1)).squeeze(1)
