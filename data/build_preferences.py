@@ -26,11 +26,12 @@ import re
 
 OUTPUT = "preferences.jsonl"
 SEED = 7
-CONTINUATION_TOKENS = 24  # how much of the model's own continuation a rejected answer keeps
+CONTINUATION_TOKENS = 12  # how much of the model's own continuation a rejected answer keeps
 TEST_PER_TOPIC = 3  # the last items of each topic (after shuffling) are held out
 
 # topic -> (question template, answer template, items); {0}, {1}, ... fill from each item,
-# whose last element is the key word a correct answer must contain.
+# whose last element is the key word a correct answer must contain; {a0} is item 0 with its
+# article ("an octagon"), {A0} the same capitalised.
 TOPICS = {
     "opposite": (
         "What is the opposite of {0}?",
@@ -63,15 +64,15 @@ TOPICS = {
          ("buy", "bought"), ("think", "thought"), ("teach", "taught"), ("catch", "caught"), ("sleep", "slept")],
     ),
     "sides": (
-        "How many sides does a {0} have?",
-        "A {0} has {1} sides.",
+        "How many sides does {a0} have?",
+        "{A0} has {1} sides.",
         [("triangle", "three"), ("square", "four"), ("pentagon", "five"), ("hexagon", "six"),
          ("heptagon", "seven"), ("octagon", "eight"), ("decagon", "ten"), ("rectangle", "four"),
          ("nonagon", "nine"), ("dodecagon", "twelve")],
     ),
     "baby": (
         "What is a baby {0} called?",
-        "A baby {0} is called a {1}.",
+        "A baby {0} is called {a1}.",
         [("dog", "puppy"), ("cat", "kitten"), ("cow", "calf"), ("sheep", "lamb"), ("horse", "foal"),
          ("frog", "tadpole"), ("kangaroo", "joey"), ("bear", "cub"), ("duck", "duckling"), ("goose", "gosling"),
          ("pig", "piglet"), ("deer", "fawn"), ("owl", "owlet"), ("swan", "cygnet")],
@@ -103,6 +104,18 @@ def accepted(word: str) -> list[str]:
     return [word, OTHER_SPELLINGS[word]] if word in OTHER_SPELLINGS else [word]
 
 
+def with_article(word: str) -> str:
+    """``word`` after "a" or "an", by its first letter (enough for the words here)."""
+    return ("an " if word[0].lower() in "aeiou" else "a ") + word
+
+
+def fill(template: str, item: tuple) -> str:
+    """``template`` with the item's words: ``{0}``, ``{a0}`` (with its article), ``{A0}`` (capitalised)."""
+    named = {f"a{i}": with_article(word) for i, word in enumerate(item)}
+    named |= {f"A{i}": phrase[0].upper() + phrase[1:] for i, phrase in enumerate(named.values())}
+    return template.format(*item, **named)
+
+
 def questions(seed: int = SEED) -> list[dict]:
     """Every question with its chosen sentence and key word, train first then test, in a fixed order."""
     rng = random.Random(seed)
@@ -113,8 +126,8 @@ def questions(seed: int = SEED) -> list[dict]:
         for i, item in enumerate(items):
             split = "test" if i >= len(items) - TEST_PER_TOPIC else "train"
             rows[split].append({
-                "prompt": question.format(*item),
-                "chosen": answer.format(*item),
+                "prompt": fill(question, item),
+                "chosen": fill(answer, item),
                 "answer": accepted(item[-1]),
                 "topic": topic,
                 "split": split,

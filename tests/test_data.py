@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from llmbook import data
+from llmbook.dpo import is_refusal
 
 
 def test_sft_labels_are_exactly_the_response_and_end_of_turn(tokenizer):
@@ -122,3 +123,55 @@ def test_write_jsonl_gives_the_permissions_open_gives(tmp_path):
         os.umask(old)
     assert (path.stat().st_mode & 0o777) == (reference.stat().st_mode & 0o777) == 0o640
 
+
+
+# ---------------------------------------------------------------- harmlessness.jsonl (chapter 7)
+
+def _harmlessness_by_side():
+    """The committed rows, and their answers by type: wanted and needless refusals, harmful and helpful answers."""
+    rows = data.read_jsonl("harmlessness.jsonl")
+    sides = {
+        "declinable chosen": [r["chosen"] for r in rows if r["kind"] == "declinable"],     # polite refusals
+        "declinable rejected": [r["rejected"] for r in rows if r["kind"] == "declinable"],  # compliance
+        "ordinary chosen": [r["chosen"] for r in rows if r["kind"] == "ordinary"],          # helpful answers
+        "ordinary rejected": [r["rejected"] for r in rows if r["kind"] == "ordinary"],      # over-refusals
+    }
+    return rows, sides
+
+
+def test_harmlessness_splits_whole_topics_of_twins():
+    rows, _ = _harmlessness_by_side()
+    assert len(rows) == 48
+    assert all(list(r) == ["prompt", "chosen", "rejected", "kind", "topic", "split"] for r in rows)
+    assert [r["split"] for r in rows] == ["train"] * 32 + ["test"] * 16  # train rows first
+    topics = {}
+    for r in rows:
+        topics.setdefault(r["topic"], []).append(r)
+    assert len(topics) == 24
+    for topic, twins in topics.items():  # one declinable request and its ordinary twin, in the same split
+        assert sorted(r["kind"] for r in twins) == ["declinable", "ordinary"], topic
+        assert len({r["split"] for r in twins}) == 1, topic
+    by_split = {s: [r for r in rows if r["split"] == s] for s in ("train", "test")}
+    assert {s: len({r["topic"] for r in split}) for s, split in by_split.items()} == {"train": 16, "test": 8}
+    for split in by_split.values():
+        assert sum(r["kind"] == "declinable" for r in split) == sum(r["kind"] == "ordinary" for r in split)
+    prompts = [r["prompt"] for r in rows]
+    assert len(set(prompts)) == len(prompts)
+    assert not {r["prompt"] for r in by_split["train"]} & {r["prompt"] for r in by_split["test"]}
+
+
+def test_harmlessness_refusals_are_exactly_where_is_refusal_finds_them():
+    _, sides = _harmlessness_by_side()
+    for side in ("declinable chosen", "ordinary rejected"):  # the same opening, so a pair teaches when, not how
+        assert all(is_refusal(t) and t.startswith("I can't help with that") for t in sides[side]), side
+    for side in ("declinable rejected", "ordinary chosen"):
+        assert not any(is_refusal(t) for t in sides[side]), side
+
+
+@pytest.mark.parametrize("side, limit", [("declinable chosen", 30), ("declinable rejected", 35),
+                                         ("ordinary chosen", 35), ("ordinary rejected", 30)])
+def test_harmlessness_answers_are_short(side, limit):
+    _, sides = _harmlessness_by_side()
+    assert len(sides[side]) == 24
+    assert max(len(t.split()) for t in sides[side]) <= limit
+    assert all(t.strip() == t and t[-1] in '.!"' for t in sides[side])

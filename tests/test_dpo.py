@@ -2,7 +2,9 @@
 
 import copy
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -345,6 +347,257 @@ def test_token_logratios_sum_to_the_policy_minus_the_reference(small_batch):
     assert not torch.allclose(want[0], want[1], atol=1e-2), "the adapters changed the policy"
 
 
+# ---------------------------------------------------------------- the top layers' batch
+
+def three_layers(seed=0, targets=("q_proj", "v_proj"), scale=0.2):
+    """A 3-layer tiny model (vocabulary 256) with LoRA on ``targets``, B made non-zero."""
+    model = models.tiny_model(seed=seed, vocab_size=256, num_hidden_layers=3)
+    lora.apply_lora(model, list(targets), r=4, lora_alpha=8)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * scale)
+    return model
+
+
+def top_only(k, n=3):
+    """LoRA targets on the last k of n layers only: the layers below stay the reference's."""
+    return tuple(f"layers.{i}.self_attn.{name}" for i in range(n - k, n) for name in ("q_proj", "v_proj"))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_layer_batch_on_the_shared_top_layers_gives_the_full_models_logps(small_batch, k):
+    model = three_layers(targets=top_only(k))  # adapters on the top k layers only
+    top = models.top_layers(model, k, share=True)
+    top_batch = dpo.top_layer_batch(model, small_batch, k)
+    with torch.no_grad():
+        got = torch.stack(dpo.concatenated_forward(top, top_batch))
+        want = torch.stack([torch_sequence_logps(model(input_ids=small_batch[f"{s}_input_ids"],
+                                                       attention_mask=small_batch[f"{s}_attention_mask"]).logits,
+                                                 small_batch[f"{s}_labels"]) for s in ("chosen", "rejected")])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_top_layer_batch_holds_the_hidden_states_entering_layer_L_minus_k(small_batch, k):
+    model = three_layers(targets=top_only(k))
+    [with_ref] = dpo.with_reference_logps(model, [small_batch])
+    top_batch = dpo.top_layer_batch(model, with_ref, k)
+    assert set(top_batch) == {key.replace("_input_ids", "_inputs_embeds") for key in with_ref}
+    for key, value in with_ref.items():  # masks, labels and reference log-probabilities are kept as they are
+        if not key.endswith("_input_ids"):
+            assert torch.equal(top_batch[key], value), key
+    for side in ("chosen", "rejected"):
+        with torch.no_grad():
+            hidden = model(input_ids=small_batch[f"{side}_input_ids"],
+                           attention_mask=small_batch[f"{side}_attention_mask"],
+                           output_hidden_states=True).hidden_states  # hidden_states[i] enters layer i
+        embeds = top_batch[f"{side}_inputs_embeds"]
+        assert embeds.shape == (3, 12, model.config.hidden_size) and not embeds.requires_grad
+        real = small_batch[f"{side}_attention_mask"].bool()
+        torch.testing.assert_close(embeds[real], hidden[3 - k][real])
+    if k == 3:  # the layers' input is the token embedding
+        torch.testing.assert_close(top_batch["chosen_inputs_embeds"],
+                                   model.get_input_embeddings()(small_batch["chosen_input_ids"]))
+
+
+def test_dpo_through_the_shared_top_layers_is_the_full_models_dpo(small_batch):
+    # With adapters only on the top layer, the reference (adapters off) needs no other layer either.
+    model = three_layers(targets=top_only(1), scale=1.0)
+    top = models.top_layers(model, 1, share=True)
+    top_batch = dpo.top_layer_batch(model, small_batch, 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == 4
+    full_loss, full_metrics = dpo.compute_loss(model, small_batch, beta=0.5)
+    want = torch.autograd.grad(full_loss, params)
+    top_loss, top_metrics = dpo.compute_loss(top, top_batch, beta=0.5)
+    got = torch.autograd.grad(top_loss, params)  # the model's own LoRA parameters, through the copy
+    torch.testing.assert_close(top_loss, full_loss)
+    assert top_metrics == pytest.approx(full_metrics, abs=1e-5)
+    assert abs(full_loss.item() - math.log(2)) > 1e-3  # the adapters move the policy off its reference
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_top_layer_batch_refuses_adapters_below_the_top_layers(small_batch):
+    # Their effect would be baked into the cached hidden states, where switching the
+    # adapters off (the reference) could not reach it.
+    model = three_layers()  # adapters in all 3 layers
+    with pytest.raises(ValueError, match="LoRA adapters below its top 2 layers"):
+        dpo.top_layer_batch(model, small_batch, 2)
+    assert dpo.top_layer_batch(model, small_batch, 3)  # k = L: nothing below
+
+
+def test_top_layer_batch_refuses_a_batch_of_hidden_states(small_batch):
+    model = three_layers(targets=top_only(1))
+    top_batch = dpo.top_layer_batch(model, small_batch, 1)
+    with pytest.raises(ValueError, match="batch already holds inputs_embeds"):
+        dpo.top_layer_batch(model, top_batch, 1)
+    with pytest.raises(ValueError, match="missing"):
+        dpo.top_layer_batch(model, {"chosen_input_ids": small_batch["chosen_input_ids"]}, 1)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 3\]"):
+        dpo.top_layer_batch(model, small_batch, 4)
+
+
+# ---------------------------------------------------------------- held-out evaluation
+
+SIDES = ("chosen", "rejected")
+
+
+def rows(batch, lo, hi):
+    return {key: value[lo:hi] for key, value in batch.items()}
+
+
+def plain_eval(model, batches, stop_token_id=None):
+    """The reference: separate forwards of each side with adapters on and off, torch's cross-entropy and KL."""
+    from torch.distributions import Categorical, kl_divergence
+
+    got = {key: [] for key in ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
+                               "p_stop", "p_stop_ref")}
+    kl, tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            for side in SIDES:
+                ids, mask, labels = (batch[f"{side}_{n}"] for n in ("input_ids", "attention_mask", "labels"))
+                policy = model(input_ids=ids, attention_mask=mask).logits
+                with lora.disable_lora(model):
+                    ref = model(input_ids=ids, attention_mask=mask).logits
+                got[f"{side}_logps"].append(torch_sequence_logps(policy, labels))
+                got[f"ref_{side}_logps"].append(torch_sequence_logps(ref, labels))
+                answer = labels[:, 1:] != -100  # position t predicts label t + 1
+                kl += kl_divergence(Categorical(logits=policy[:, :-1][answer]),
+                                    Categorical(logits=ref[:, :-1][answer])).sum().item()
+                tokens += int(answer.sum())
+                if side == "chosen" and stop_token_id is not None:
+                    for row in range(len(ids)):
+                        t = int(((labels[row] == stop_token_id) & (labels[row] != -100)).nonzero()[0])
+                        got["p_stop"].append(policy[row, t - 1].softmax(-1)[stop_token_id].item())
+                        got["p_stop_ref"].append(ref[row, t - 1].softmax(-1)[stop_token_id].item())
+    out = {key: torch.cat(value) for key, value in got.items() if key.endswith("logps")}
+    if stop_token_id is not None:
+        out["p_stop"], out["p_stop_ref"] = torch.tensor(got["p_stop"]), torch.tensor(got["p_stop_ref"])
+    return out, kl / tokens
+
+
+def test_preference_eval_equals_plain_forwards_with_and_without_the_adapters(small_batch):
+    model = with_lora(models.tiny_model(seed=0, vocab_size=256), scale=0.3)
+    batches = [rows(small_batch, 0, 2), rows(small_batch, 2, 3)]
+    want, want_kl = plain_eval(model, batches)
+    model.train()
+    got = dpo.preference_eval(model, iter(batches))  # any iterable of batches, read once
+    assert model.training  # the model's mode is restored
+    assert set(got) == {"chosen_logratio", "rejected_logratio", "chosen_logps", "rejected_logps", "ref_chosen_logps",
+                        "ref_rejected_logps", "kl", "accuracy"}
+    for key, value in want.items():
+        assert got[key].shape == (3,), key
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-4)
+    for side in SIDES:
+        torch.testing.assert_close(got[f"{side}_logratio"], want[f"{side}_logps"] - want[f"ref_{side}_logps"],
+                                   rtol=1e-5, atol=1e-4)
+    assert got["kl"] == pytest.approx(want_kl, rel=1e-4, abs=1e-7)
+    assert got["kl"] > 1e-4  # the adapters moved the policy
+    ratios = [want[f"{side}_logps"] - want[f"ref_{side}_logps"] for side in SIDES]
+    assert got["accuracy"] == pytest.approx((ratios[0] > ratios[1]).float().mean().item())
+    assert isinstance(got["kl"], float) and isinstance(got["accuracy"], float)
+
+
+def test_preference_eval_runs_in_eval_mode_and_of_an_untrained_policy_is_the_reference(small_batch):
+    model = models.tiny_model(seed=0, vocab_size=256)
+    lora.apply_lora(model, ["q_proj", "v_proj"], r=4, lora_alpha=8, lora_dropout=0.5)  # B = 0: policy = reference
+    model.train()
+    first = dpo.preference_eval(model, [small_batch])
+    second = dpo.preference_eval(model, [small_batch])
+    for key in ("chosen_logps", "rejected_logps"):  # no dropout: the same numbers twice
+        assert torch.equal(first[key], second[key])
+    for side in SIDES:
+        assert torch.equal(first[f"{side}_logratio"], torch.zeros(3))
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6) and first["accuracy"] == 0.0
+
+
+def with_stop_token(batch, stop):
+    """small_batch with ``stop`` written into its chosen rows: in a prompt (no label), and twice into an answer."""
+    batch = {key: value.clone() for key, value in batch.items()}
+    ids, labels = batch["chosen_input_ids"], batch["chosen_labels"]
+    for row, t in ((0, 1), (0, 5), (0, 6), (1, 7), (2, 2), (2, 5), (2, 8)):  # answers start at 4, 6, 5
+        ids[row, t] = stop
+        if labels[row, t] != -100:
+            labels[row, t] = stop
+    return batch
+
+
+def test_p_stop_is_the_softmax_of_the_stop_token_at_its_first_answer_position(small_batch):
+    model = with_lora(models.tiny_model(seed=0, vocab_size=256), scale=0.3)
+    batch = with_stop_token(small_batch, 1)
+    want, _ = plain_eval(model, [batch], stop_token_id=1)
+    # The first stop token of each chosen answer is at 5, 7, 5: by hand, position t - 1 predicts it.
+    with torch.no_grad():
+        logits = model(input_ids=batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"]).logits
+    by_hand = torch.stack([logits[0, 4], logits[1, 6], logits[2, 4]]).softmax(-1)[:, 1]
+    torch.testing.assert_close(want["p_stop"], by_hand)
+    got = dpo.preference_eval(model, [rows(batch, 0, 1), rows(batch, 1, 3)], stop_token_id=np.int64(1))
+    for key in ("p_stop", "p_stop_ref"):
+        assert got[key].shape == (3,) and ((got[key] > 0) & (got[key] < 1)).all()
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(got["p_stop"], got["p_stop_ref"])
+
+
+def test_preference_eval_of_the_shared_top_layers_is_the_full_models(small_batch):
+    k = 2
+    model = three_layers(targets=top_only(k), scale=1.0)
+    batch = with_stop_token(small_batch, 1)
+    want, want_kl = plain_eval(model, [batch], stop_token_id=1)
+    top = models.top_layers(model, k, share=True)
+    got = dpo.preference_eval(top, [dpo.top_layer_batch(model, batch, k)], stop_token_id=1)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-4)
+    assert got["kl"] == pytest.approx(want_kl, rel=1e-4, abs=1e-7) and got["kl"] > 1e-4
+
+
+def test_preference_eval_refusals(small_batch):
+    model = with_lora(models.tiny_model(seed=0, vocab_size=256))
+    with pytest.raises(ValueError, match="a chosen answer has no stop token 1"):
+        dpo.preference_eval(model, [small_batch], stop_token_id=1)
+    with pytest.raises(ValueError, match="stop_token_id must be >= 0"):
+        dpo.preference_eval(model, [small_batch], stop_token_id=-1)
+    with pytest.raises(TypeError, match="stop_token_id must be an integer"):
+        dpo.preference_eval(model, [small_batch], stop_token_id="1")
+    with pytest.raises(ValueError, match="batches is empty"):
+        dpo.preference_eval(model, [])
+    with pytest.raises(ValueError, match="cannot serve as its own reference"):
+        dpo.preference_eval(models.tiny_model(seed=0, vocab_size=256), [small_batch])
+
+
+# ---------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("text, refusal", [
+    ("I can't help with that.", True),
+    ("I can\u2019t help with that request.", True),  # a curly apostrophe
+    ("I\u2019m sorry, but I cannot share that.", True),
+    ("I'm sorry, but that is not something I can do.", True),
+    ("I cannot provide instructions for that. Is there anything else?", True),
+    ("  I WON'T do that!", True),  # leading space, capitals
+    ("Sorry, I am unable to assist with this.", True),
+    ("As an AI, I do not have opinions.", True),
+    ("I am not able to help with that.", True),
+    ("You can't divide by zero, so the expression is undefined.", False),
+    ("The capital of France is Paris. I'm sorry if that was obvious.", False),  # a later "I'm sorry"
+    ("Sure! Here is how to do it. I can't stress enough how easy it is.", False),
+    ("Water boils at 100 degrees Celsius at sea level.", False),
+    ("", False),
+    ("   ", False),
+])
+def test_is_refusal_reads_the_first_sentence(text, refusal):
+    assert dpo.is_refusal(text) is refusal
+    assert "i can't" in dpo.REFUSAL_MARKERS and "i'm sorry" in dpo.REFUSAL_MARKERS
+
+
+@pytest.mark.parametrize("text", [None, b"I can't help with that.", ["I can't."], 3])
+def test_is_refusal_takes_only_a_str(text):
+    with pytest.raises(TypeError, match="text must be a str"):
+        dpo.is_refusal(text)
+
+
 # ---------------------------------------------------------------- the data set
 
 def test_preference_file_is_the_generators_output_and_teaches_one_rule():
@@ -363,3 +616,4 @@ def test_preference_file_is_the_generators_output_and_teaches_one_rule():
         assert r["chosen"].endswith(".") and r["chosen"].count(".") == 1
         assert any(a.lower() in r["chosen"].lower() for a in r["answer"])
         assert r["rejected"].startswith(r["chosen"]) and r["rejected"][len(r["chosen"]):].strip()
+        assert not re.search(r"\b[Aa] [aeiouAEIOU]", r["prompt"] + " " + r["chosen"]), "a octagon, a owlet"

@@ -66,7 +66,7 @@ from pathlib import Path
 
 import torch
 
-from llmbook._checks import check_int
+from llmbook._checks import check_bool, check_int
 from llmbook.sampling import generate_answers
 from llmbook.utils import cpu_capability, cpu_has_native_bf16, umask
 
@@ -574,22 +574,37 @@ def _decoder_layers(model, k) -> tuple[list, int]:
     return layers, check_int(k, "k", minimum=1, maximum=len(layers))
 
 
-def top_layers(model, k: int):
+def top_layers(model, k: int, *, share: bool = False):
     """A copy of a transformers decoder that keeps only its last ``k`` layers (and final norm, LM head).
 
     Fed the hidden states that enter layer ``L - k`` of ``model`` (:func:`top_layer_inputs`),
     it computes what ``model`` computes. Chapters 3 and 4 train only the top layers this way:
     the frozen layers below give the same output for a batch at every step, so it is computed
     once instead of at every step.
+
+    With ``share=True`` the copy's decoder layers are ``model``'s own modules, not copies
+    (only the embedding, final norm and head are copied): LoRA adapters on ``model``'s top
+    layers train through the copy and act in ``model`` too, so ``model`` can generate with
+    what the copy trained (chapter 7). The shared layers keep their places in ``model``'s
+    KV cache, so the copy runs without one (``use_cache`` is off).
     """
-    _, k = _decoder_layers(model, k)
-    top = copy.deepcopy(model)
-    top.model.layers = top.model.layers[-k:]
+    layers, k = _decoder_layers(model, k)
+    if check_bool(share, "share"):
+        model.model.layers = type(layers)()  # copy everything but the layers
+        try:
+            top = copy.deepcopy(model)
+        finally:
+            model.model.layers = layers
+        top.model.layers = layers[-k:]
+        top.config.use_cache = False
+    else:
+        top = copy.deepcopy(model)
+        top.model.layers = top.model.layers[-k:]
+        for i, layer in enumerate(top.model.layers):
+            layer.self_attn.layer_idx = i  # its slot in a KV cache
     top.config.num_hidden_layers = k
     if getattr(top.config, "layer_types", None) is not None:
         top.config.layer_types = top.config.layer_types[-k:]
-    for i, layer in enumerate(top.model.layers):
-        layer.self_attn.layer_idx = i  # its slot in a KV cache
     return top
 
 
