@@ -41,7 +41,7 @@ from llmbook import losses
 from llmbook._checks import check_float_tensor, check_int, check_int_tensor, check_real, check_tensor
 from llmbook.data import IGNORE_INDEX
 from llmbook.lora import disable_lora, lora_layers
-from llmbook.models import top_layer_inputs
+from llmbook.models import _decoder_layers, top_layer_inputs
 from llmbook.utils import eval_mode
 
 __all__ = [
@@ -185,8 +185,8 @@ def top_layer_batch(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], k
     _check_batch(batch)
     if any(key.endswith("_inputs_embeds") for key in batch):
         raise ValueError("batch already holds inputs_embeds; pass the collator's batch of input_ids")
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is not None and any(lora_layers(layer) for layer in layers[: len(layers) - check_int(k, "k", minimum=1)]):
+    layers, k = _decoder_layers(model, k)
+    if any(lora_layers(layer) for layer in layers[: len(layers) - k]):
         raise ValueError(f"model has LoRA adapters below its top {k} layers: the cached hidden states would "
                          "carry them, and a top-layers copy could not switch them off for the reference; "
                          "put the adapters on the top k layers only")
