@@ -428,6 +428,13 @@ BAD = [
      r"a and b must have the same shape"),
     ("paired_bootstrap-level", lambda c: H.paired_bootstrap([1, 0, 1], [1, 0, 0], level=95), ValueError,
      r"level must be in \(0, 1\)"),
+    ("labelled_logits-no-labels", lambda c: losses.labelled_logits(c.tiny, {"input_ids": c.labels}), TypeError,
+     "batch must be a dict with 'labels'"),
+    ("labelled_logits-labels-1d", lambda c: losses.labelled_logits(c.tiny, c.qa_batch(labels=torch.zeros(6).long())),
+     ValueError, r"labels must have shape \(B, T\)"),
+    ("with_reference_logps-distributions-int", lambda c: dpo.with_reference_logps(c.tiny, [c.pref_batch()],
+                                                                                  distributions=1),
+     TypeError, "distributions must be True or False"),
     ("answer_scores-no-labels", lambda c: losses.answer_scores(c.tiny, {"input_ids": c.labels}), TypeError,
      "batch must be a dict with 'labels'"),
     ("answer_scores-mask-shape", lambda c: losses.answer_scores(

@@ -120,10 +120,10 @@ def test_concatenated_forward_equals_two_separate_forwards(small_batch):
     torch.testing.assert_close(rejected, separate[1], rtol=1e-5, atol=1e-4)
 
 
-def test_concatenated_forward_without_logits_to_keep_gives_the_same(small_batch):
+def test_concatenated_forward_of_a_model_that_hides_its_head_gives_the_same(small_batch):
     batch, model = small_batch, tiny(0, 256)
 
-    class PlainForward(torch.nn.Module):  # a model whose forward has no logits_to_keep
+    class PlainForward(torch.nn.Module):  # no get_output_embeddings, no logits_to_keep: full logits
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
@@ -552,6 +552,38 @@ def test_preference_eval_of_the_shared_top_layers_is_the_full_models(small_batch
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-4)
     assert got["kl"] == pytest.approx(want_kl, rel=1e-4, abs=1e-7) and got["kl"] > 1e-4
+
+
+def test_preference_eval_with_cached_reference_distributions_is_the_same_without_the_reference(small_batch):
+    model = with_lora(models.tiny_model(seed=0, vocab_size=256), scale=0.3)
+    batches = [rows(with_stop_token(small_batch, 1), 0, 2), rows(with_stop_token(small_batch, 1), 2, 3)]
+    want, want_kl = plain_eval(model, batches, stop_token_id=1)
+    cached = dpo.with_reference_logps(model, batches, distributions=True)
+    for batch, plain in zip(cached, dpo.with_reference_logps(model, batches)):
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            torch.testing.assert_close(batch[key], plain[key], rtol=1e-5, atol=1e-5)
+        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+        answer = labels[:, 1:] != -100
+        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+        mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+        with torch.no_grad(), lora.disable_lora(model):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(batch["ref_token_logprobs"], logits[:, :-1][answer].log_softmax(-1),
+                                   rtol=1e-5, atol=1e-5)
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, output: calls.append(lora.lora_layers(module)[0].enabled))
+    try:
+        got = dpo.preference_eval(model, cached, stop_token_id=1)
+    finally:
+        hook.remove()
+    assert calls == [True, True]  # the policy ran, once a batch; the reference never did
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-4)
+    assert got["kl"] == pytest.approx(want_kl, rel=1e-4, abs=1e-7) and got["kl"] > 1e-4
+    with pytest.raises(ValueError, match=r"ref_token_logprobs has shape \(\d+, 256\), but this batch has"):
+        dpo.preference_eval(model, [{**cached[0], "ref_token_logprobs": cached[1]["ref_token_logprobs"]}])
+    with pytest.raises(TypeError, match="distributions must be True or False"):
+        dpo.with_reference_logps(model, batches, distributions=1)
 
 
 def test_preference_eval_refusals(small_batch):

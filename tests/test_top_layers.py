@@ -26,6 +26,29 @@ def test_top_layers_on_cached_inputs_give_the_full_models_logits_and_loss(k):
     torch.testing.assert_close(losses.response_loss(top, cached), full.loss)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_top_layer_inputs_are_the_hidden_states_entering_layer_L_minus_k_and_the_top_layers_do_not_run(k):
+    model = tiny_model(num_hidden_layers=3)
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    calls = []
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+             for i, layer in enumerate(model.model.layers)]
+    try:
+        cached = top_layer_inputs(model, {"input_ids": ids, "attention_mask": mask}, k)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == list(range(3 - k))  # the layers below ran, once each; the top k did not
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert torch.equal(cached["inputs_embeds"], hidden[3 - k])  # what transformers reports entering layer 3 - k
+    assert set(cached) == {"inputs_embeds", "attention_mask"}  # no labels in, none out
+    # the hook is gone: a second call and a plain forward run every layer as before
+    torch.testing.assert_close(top_layer_inputs(model, {"input_ids": ids}, k)["inputs_embeds"],
+                               model(input_ids=ids, output_hidden_states=True).hidden_states[3 - k])
+
+
 def test_top_layers_are_a_copy_and_bad_k_is_named():
     model = tiny_model(num_hidden_layers=2)
     top = top_layers(model, 1)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from llmbook import losses
-from llmbook._checks import check_float_tensor, check_int, check_int_tensor, check_real, check_tensor
+from llmbook._checks import check_bool, check_float_tensor, check_int, check_int_tensor, check_real, check_tensor
 from llmbook.data import IGNORE_INDEX
 from llmbook.lora import disable_lora, lora_layers
 from llmbook.models import _decoder_layers, top_layer_inputs
@@ -200,11 +200,11 @@ def top_layer_batch(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], k
 def concatenated_forward(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     r"""One forward over ``[chosen; rejected]``; returns ``(chosen_logps, rejected_logps)``, each ``(B,)``.
 
-    The two halves go through the model together (one ``(2B, T)`` batch), then
-    :func:`sequence_logps` gathers and sums each answer's token log-probabilities.
-    Only the positions from the earliest answer token on are projected to the
-    vocabulary (:func:`llmbook.losses.answer_logps`): the prompt's logits would be masked
-    anyway, and the ``(tokens, V)`` logits are the largest tensor of the step.
+    The two halves go through the model together (one ``(2B, T)`` batch); each answer
+    token's log-probability is gathered and summed per row, as :func:`sequence_logps` does
+    from full logits. Only the answer tokens' positions are projected to the vocabulary
+    (:func:`llmbook.losses.labelled_logits`): the prompt's and the padding's logits would be
+    masked anyway, and the ``(tokens, V)`` logits are the largest tensor of the step.
 
     Args:
         model: a causal LM returning ``.logits`` (a transformers model, with or without LoRA).
@@ -213,9 +213,18 @@ def concatenated_forward(model: torch.nn.Module, batch: Mapping[str, torch.Tenso
     """
     inputs = concatenated_inputs(batch)
     _check_every_row_has_answer(inputs["labels"])
-    logps, _ = losses.answer_logps(model, inputs)  # (2B, K - 1), 0 off the answers
-    logps = logps.sum(dim=1)  # (2B,)
+    logits, scored = losses.labelled_logits(model, inputs)  # (N, V) at the N answer tokens
+    token_logps = losses.selective_log_softmax(logits, inputs["labels"][:, 1:][scored])  # (N,)
+    rows = scored.nonzero()[:, 0]
+    logps = token_logps.new_zeros(scored.shape[0]).index_add(0, rows, token_logps)  # (2B,)
     return logps.chunk(2, dim=0)
+
+
+def _answer_distributions(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]):
+    """Float32 log-distributions ``(N, V)`` at the answer tokens of a stacked batch, their targets ``(N,)``
+    and rows ``(N,)``."""
+    logits, scored = losses.labelled_logits(model, inputs)
+    return losses.log_softmax(logits.float()), inputs["labels"][:, 1:][scored], scored.nonzero()[:, 0]
 
 
 def dpo_loss(
@@ -363,8 +372,10 @@ def preference_eval(
     answers (the implicit rewards over $\beta$) and both answers' summed log-probabilities
     under the policy and under the reference. Over all answer tokens: the mean per-token
     $\mathrm{KL}(\pi_\theta \,\|\, \pi_{\mathrm{ref}})$ of the next-token distributions.
-    The reference is ``model`` with its LoRA adapters off. Batches may hold ``input_ids``
-    or, for a :func:`llmbook.models.top_layers` copy, ``inputs_embeds`` (:func:`top_layer_batch`).
+    The reference is ``model`` with its LoRA adapters off, or, when a batch carries
+    ``ref_token_logprobs`` (:func:`with_reference_logps` with ``distributions=True``), those:
+    then only the policy runs. Batches may hold ``input_ids`` or, for a
+    :func:`llmbook.models.top_layers` copy, ``inputs_embeds`` (:func:`top_layer_batch`).
 
     Args:
         stop_token_id: if given, also ``p_stop`` and ``p_stop_ref``: the probability, under
@@ -384,30 +395,32 @@ def preference_eval(
     with eval_mode(model):
         for batch in batches:
             inputs = concatenated_inputs(batch)
-            labels = inputs.pop("labels")
-            _check_every_row_has_answer(labels)
-            keep = losses.logits_to_keep(labels)
-            labels = labels[:, -keep:]
-            logits = model(**inputs, logits_to_keep=keep).logits
-            with _reference(model, None) as reference:
-                ref_logits = reference(**inputs, logits_to_keep=keep).logits
-            logps, mask = losses.per_token_logps(logits, labels)
-            ref_logps, _ = losses.per_token_logps(ref_logits, labels)
-            dist = losses.log_softmax(logits[:, :-1][mask].float())  # (answer tokens, V)
-            ref_dist = losses.log_softmax(ref_logits[:, :-1][mask].float())
+            _check_every_row_has_answer(inputs["labels"])
+            dist, target, rows = _answer_distributions(model, inputs)  # (N, V), (N,), (N,)
+            if "ref_token_logprobs" in batch:
+                ref_dist = check_float_tensor(batch["ref_token_logprobs"], "ref_token_logprobs")
+                if ref_dist.shape != dist.shape:
+                    raise ValueError(
+                        f"ref_token_logprobs has shape {tuple(ref_dist.shape)}, but this batch has "
+                        f"{dist.shape[0]} answer tokens over a vocabulary of {dist.shape[1]}: make it with "
+                        "with_reference_logps(..., distributions=True) from this batch")
+            else:
+                with _reference(model, None) as reference:
+                    ref_dist, _, _ = _answer_distributions(reference, inputs)
             kl_total += (dist.exp() * (dist - ref_dist)).sum().item()
             n_tokens += dist.shape[0]
-            out["policy"].append(logps.sum(1))
-            out["ref"].append(ref_logps.sum(1))
+            n_rows = inputs["labels"].shape[0]
+            token_logps = {"policy": dist.gather(1, target[:, None])[:, 0],
+                           "ref": ref_dist.gather(1, target[:, None])[:, 0]}
+            for key, logps in token_logps.items():
+                out[key].append(logps.new_zeros(n_rows).index_add(0, rows, logps))
             if stop_token_id is not None:
-                pairs = labels.shape[0] // 2
-                target = labels[:pairs, 1:]
-                for row in range(pairs):
-                    where = (target[row] == stop_token_id).nonzero().flatten()
+                for row in range(n_rows // 2):  # the chosen rows
+                    where = ((rows == row) & (target == stop_token_id)).nonzero().flatten()
                     if not len(where):
                         raise ValueError(f"a chosen answer has no stop token {stop_token_id}")
-                    out["p_stop"].append(logps[row, where[0]].exp().item())
-                    out["p_stop_ref"].append(ref_logps[row, where[0]].exp().item())
+                    out["p_stop"].append(token_logps["policy"][where[0]].exp().item())
+                    out["p_stop_ref"].append(token_logps["ref"][where[0]].exp().item())
     if not out["policy"]:
         raise ValueError("batches is empty")
     result = {}
@@ -424,18 +437,41 @@ def preference_eval(
 
 
 def with_reference_logps(
-    model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], ref_model: torch.nn.Module | None = None
+    model: torch.nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    ref_model: torch.nn.Module | None = None,
+    *,
+    distributions: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Copies of ``batches`` with ``ref_chosen_logps`` and ``ref_rejected_logps`` added.
 
     The reference never changes, so computing its log-probabilities once, before
     training, saves one forward per step (TRL's ``precompute_ref_log_probs``).
+
+    Args:
+        distributions: also add ``ref_token_logprobs``, the reference's float32 next-token
+            log-distribution ``(N, V)`` at each of the batch's ``N`` answer tokens (chosen rows
+            first, row by row): :func:`preference_eval` then compares the policy with it and
+            runs no reference. About ``4 N V`` bytes a batch; meant for held-out batches that
+            are evaluated many times.
     """
+    distributions = check_bool(distributions, "distributions")
     out = []
-    with eval_mode(model):
+    with eval_mode(model), torch.no_grad():
         for batch in batches:
-            ref_chosen, ref_rejected = reference_logps(model, batch, ref_model)
-            out.append({**batch, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected})
+            if not distributions:
+                ref_chosen, ref_rejected = reference_logps(model, batch, ref_model)
+                out.append({**batch, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected})
+                continue
+            inputs = concatenated_inputs(batch)
+            _check_every_row_has_answer(inputs["labels"])
+            with _reference(model, ref_model) as reference:
+                dist, target, rows = _answer_distributions(reference, inputs)
+            logps = dist.gather(1, target[:, None])[:, 0]
+            sums = logps.new_zeros(inputs["labels"].shape[0]).index_add(0, rows, logps)
+            ref_chosen, ref_rejected = sums.chunk(2)
+            out.append({**batch, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected,
+                        "ref_token_logprobs": dist})
     return out
 
 

@@ -20,10 +20,11 @@ library's models do, so that ``sft_loss(model(ids).logits, labels)`` equals
 
 Only the answer's positions need logits: :func:`logits_to_keep` says how many last
 positions of a batch do, and :func:`answer_logps` runs a model with just those projected
-to the vocabulary (the LM head is the largest matrix product of a step); DPO's sequence
-log-probabilities (:mod:`llmbook.dpo`) are built on it. :func:`answer_scores` projects
-only the labelled positions themselves, and reads from them greedy decoding's verdict
-on each answer; the per-group loss of chapter 5 (:func:`sft_loss_by_group`) is built on it.
+to the vocabulary (the LM head is the largest matrix product of a step).
+:func:`labelled_logits` projects only the labelled positions themselves; DPO's sequence
+log-probabilities (:mod:`llmbook.dpo`) are built on it, and so is :func:`answer_scores`,
+which reads from them greedy decoding's verdict on each answer; the per-group loss of
+chapter 5 (:func:`sft_loss_by_group`) is built on that.
 
 Half-precision inputs (``float16``, ``bfloat16``) are computed in ``float32``, as
 torch's own kernels accumulate them; :func:`log_softmax` returns the input's dtype,
@@ -44,6 +45,7 @@ __all__ = [
     "answer_logps",
     "answer_scores",
     "chunked_sft_loss",
+    "labelled_logits",
     "log_softmax",
     "logits_to_keep",
     "per_token_logps",
@@ -286,6 +288,40 @@ def _last_hidden(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> t
     return model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1]
 
 
+def labelled_logits(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
+                    ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The logits at the labelled positions only, row by row: ``(N, V)``, and where they are.
+
+    Position $t$ of row $b$ is one of the $N$ when label $t + 1$ is not ``ignore_index``;
+    its logits score that label. When the model exposes its output layer the head projects
+    only these $N$ hidden states (the prompt's and the padding's are never projected to the
+    vocabulary); otherwise the model's full logits are indexed.
+
+    Args:
+        model: a causal LM (transformers; a :func:`llmbook.models.top_layers` copy fed
+            ``inputs_embeds`` too).
+        batch: model inputs plus ``labels`` ``(B, T)``, not shifted.
+        ignore_index: the label of positions without loss.
+
+    Returns:
+        ``(logits, scored)``: ``(N, V)`` logits (differentiable) and the ``(B, T - 1)`` bool
+        mask of the positions they belong to (``scored.nonzero()`` lists them in order);
+        ``labels[:, 1:][scored]`` are their targets.
+    """
+    if not isinstance(batch, Mapping) or "labels" not in batch:
+        raise TypeError("batch must be a dict with 'labels' and the model's inputs (input_ids, attention_mask)")
+    labels = check_int_tensor(batch["labels"], "labels")
+    ignore_index = check_int(ignore_index, "ignore_index")
+    if labels.dim() != 2:
+        raise ValueError(f"labels must have shape (B, T), got {tuple(labels.shape)}")
+    scored = labels[:, 1:] != ignore_index
+    head = _output_head(model)
+    if head is not None:
+        return head(_last_hidden(model, batch)[:, :-1][scored]), scored
+    inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
+    return model(**inputs, use_cache=False).logits[:, :-1][scored], scored
+
+
 def answer_scores(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
                   ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
     r"""Teacher-forced scores of each example's answer, with the LM head only where a label is.
@@ -324,12 +360,7 @@ def answer_scores(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
             raise ValueError(f"answer_mask must be a bool tensor of the labels' shape {tuple(labels.shape)}, "
                              f"got {mask.dtype} {tuple(mask.shape)}")
         checked = mask[:, 1:] & scored
-    head = _output_head(model)
-    if head is not None:  # the head on the labelled positions only
-        logits = head(_last_hidden(model, batch)[:, :-1][scored])  # (N, V)
-    else:
-        inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
-        logits = model(**inputs, use_cache=False).logits[:, :-1][scored]
+    logits, _ = labelled_logits(model, batch, ignore_index)  # (N, V)
     logps = log_softmax(logits.float())
     token_logps = logps.gather(1, target[scored].unsqueeze(1)).squeeze(1)
     hit = torch.ones_like(target, dtype=torch.bool)

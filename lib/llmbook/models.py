@@ -608,19 +608,40 @@ def top_layers(model, k: int, *, share: bool = False):
     return top
 
 
+class _LayerReached(Exception):
+    """Raised by :func:`top_layer_inputs`'s hook with the hidden states entering the layer."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__("layer reached")
+        self.hidden = hidden
+
+
 @torch.no_grad()
 def top_layer_inputs(model, batch, k: int) -> dict:
     """What :func:`top_layers` ``(model, k)`` reads for ``batch``: the hidden states entering layer ``L - k``.
 
     Returns ``{"inputs_embeds": (B, T, H), "attention_mask", "labels"}`` (``labels`` only if
-    ``batch`` has them), a batch for the top-layers copy.
+    ``batch`` has them), a batch for the top-layers copy. The forward pass stops where layer
+    ``L - k`` begins: the top ``k`` layers are not run here.
     """
     layers, k = _decoder_layers(model, k)
     if not isinstance(batch, dict) or "input_ids" not in batch:
         raise TypeError("batch must be a dict with input_ids (and attention_mask, labels)")
     mask = batch.get("attention_mask")
-    out = model.model(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True)
-    inputs = {"inputs_embeds": out.hidden_states[len(layers) - k], "attention_mask": mask}
+
+    def stop(module, args, kwargs):  # the input of layer L - k is all we need: stop there
+        raise _LayerReached(args[0] if args else kwargs["hidden_states"])
+
+    handle = layers[len(layers) - k].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
+    except _LayerReached as reached:
+        hidden = reached.hidden
+    else:
+        raise RuntimeError(f"the forward pass never reached layer {len(layers) - k} of {type(model).__name__}")
+    finally:
+        handle.remove()
+    inputs = {"inputs_embeds": hidden, "attention_mask": mask}
     if "labels" in batch:
         inputs["labels"] = batch["labels"]
     return inputs
