@@ -459,3 +459,65 @@ def test_every_chapter_is_linked_from_the_map_and_the_glossary(reader, page):
     missing = [p for p in chapters if p not in linked]
     assert not missing, (f"{page} links no page of {missing}: check that its {{chapter}} roles name "
                          "these files as _toc.yml does")
+
+
+# ---------------------------------------------------------------------------- sliders
+
+# The chapters whose figures have sliders (llmbook.widgets.frame_slider); each must work on the built page.
+SLIDER_CHAPTERS = ["chapters/03_lora.html", "chapters/06_sampling.html", "chapters/07_dpo.html"]
+
+# The frame shown next to slider k: the image of the panel that holds it (a stack shows one frame at a time).
+FRAME_OF_SLIDER = """k => {
+  const slider = document.querySelectorAll('.widget-slider')[k];
+  const panel = slider.closest('.widget-vbox');
+  const shown = [...panel.querySelectorAll('img.widget-image')].filter(img => img.offsetParent !== null);
+  return {src: shown.length === 1 ? shown[0].src : null, count: shown.length,
+          readout: slider.querySelector('.widget-readout').textContent.trim(),
+          label: slider.querySelector('.widget-label').textContent.trim()};
+}"""
+
+
+def test_the_slider_chapters_save_their_sliders():
+    if not PAGES:
+        pytest.skip("the book is not built: run `make book` first (`make test` does)")
+    for page in SLIDER_CHAPTERS:
+        html = (HTML / page).read_text()
+        assert "SelectionSliderModel" in html and "LinkModel" in html, f"{page} has no linked sliders saved"
+
+
+@pytest.mark.parametrize("page", SLIDER_CHAPTERS)
+def test_moving_a_slider_changes_its_figure_without_a_kernel(reader, page):
+    """On the served page (every other host blocked), each slider, moved by the keyboard, shows another frame."""
+    if page not in PAGES:
+        pytest.skip(f"{page} is not built")
+    reader(page)  # the page's own checks (no foreign request, no console error) run on a fresh load
+    tab = reader.context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        tab.goto(f"{reader.origin}/{page}", wait_until="load")
+        tab.wait_for_load_state("networkidle")
+        handles = tab.locator(".widget-slider .noUi-handle")
+        handles.first.wait_for(state="visible")
+        n = handles.count()
+        assert n >= 1, "no slider on the page"
+        for k in range(n):
+            before = tab.evaluate(FRAME_OF_SLIDER, k)
+            assert before["count"] == 1 and before["src"], f"slider {k}: its panel shows {before['count']} frames"
+            panel = tab.locator(".widget-vbox", has=handles.nth(k)).last
+            panel.scroll_into_view_if_needed()
+            figure = panel.locator("img.widget-image:visible")  # the frame alone, not the slider's readout
+            shot_before = figure.screenshot(path=SHOTS / f"{slug(page)}-slider{k}-before.png")
+            handles.nth(k).focus()
+            tab.keyboard.press("ArrowRight")
+            if tab.evaluate(FRAME_OF_SLIDER, k)["readout"] == before["readout"]:  # it was at the end
+                tab.keyboard.press("ArrowLeft")
+            tab.wait_for_function(f"() => ({FRAME_OF_SLIDER})({k}).src !== {before['src']!r}", timeout=10_000)
+            after = tab.evaluate(FRAME_OF_SLIDER, k)
+            shot_after = figure.screenshot(path=SHOTS / f"{slug(page)}-slider{k}-after.png")
+            assert after["readout"] != before["readout"], f"slider {before['label']!r} did not move"
+            assert after["count"] == 1 and shot_after != shot_before, \
+                f"slider {before['label']!r}: {before['readout']} -> {after['readout']} left the figure as it was"
+    finally:
+        tab.close()
+    assert not errors, errors
