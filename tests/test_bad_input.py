@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmbook import data, dpo, extraction, hallucination as H, lora, losses, models, plots, prefix, sampling, train, utils, widgets
+from llmbook import data, dpo, extraction, grpo, hallucination as H, lora, losses, models, plots, prefix, sampling, train, utils, widgets
 
 V = 16  # vocabulary of the small logits
 TINY_V = 256  # vocabulary of models.tiny_model
@@ -435,6 +435,19 @@ BAD = [
     ("with_reference_logps-distributions-int", lambda c: dpo.with_reference_logps(c.tiny, [c.pref_batch()],
                                                                                   distributions=1),
      TypeError, "distributions must be True or False"),
+    ("group_advantages-one-generation", lambda c: grpo.group_advantages(torch.zeros(4), 1), ValueError,
+     "num_generations must be >= 2"),
+    ("group_advantages-nan", lambda c: grpo.group_advantages(torch.tensor([0.0, math.nan]), 2), ValueError,
+     "rewards must be finite"),
+    ("per_token_kl-shapes", lambda c: grpo.per_token_kl(torch.zeros(2, 3), torch.zeros(2, 4)), ValueError,
+     "must have the same shape"),
+    ("completion_logps-no-prompt", lambda c: grpo.completion_logps(c.tiny, {"completion_ids": c.labels}), ValueError,
+     r"batch is missing \['prompt_ids', 'prompt_mask', 'completion_mask'\]"),
+    ("grpo_loss-beta-without-ref", lambda c: grpo.grpo_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2),
+                                                            torch.ones(2, 3), beta=0.1), ValueError,
+     "beta > 0 needs ref_per_token_logps"),
+    ("grpo_loss-epsilon-1", lambda c: grpo.grpo_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2),
+                                                     torch.ones(2, 3), epsilon=1.0), ValueError, "epsilon must be in"),
     ("answer_scores-no-labels", lambda c: losses.answer_scores(c.tiny, {"input_ids": c.labels}), TypeError,
      "batch must be a dict with 'labels'"),
     ("answer_scores-mask-shape", lambda c: losses.answer_scores(
@@ -483,7 +496,10 @@ BAD = [
     ("plot_history-list", lambda c: plots.plot_history([1.0, 2.0]), TypeError, "history must be the History"),
     ("trainable_parameters-str", lambda c: train.trainable_parameters("model"), TypeError,
      "model must be a torch.nn.Module"),
-    ("slider_panel-draw-str", lambda c: widgets.slider_panel("draw"), TypeError, "draw must be callable"),
+    ("frame_slider-draw-str", lambda c: widgets.frame_slider("draw", beta=[1.0]), TypeError, "draw must be callable"),
+    ("frame_slider-no-grid", lambda c: widgets.frame_slider(lambda ax: None), ValueError, "at least one grid"),
+    ("frame_slider-start-off-grid", lambda c: widgets.frame_slider(lambda ax, beta: None, beta=[1.0], start={"beta": 2}),
+     ValueError, r"start\['beta'\] = 2 is not in its grid \[1.0\]"),
     ("seed-str", lambda c: utils.seed_everything("a"), TypeError, "seed must be an integer"),
     ("smooth-window-zero", lambda c: plots.smooth([1.0, 2.0], 0), ValueError, "window must be >= 1"),
     ("smooth-window-float", lambda c: plots.smooth([1.0, 2.0], 1.5), TypeError, "window must be an integer"),
@@ -516,8 +532,8 @@ def test_the_table_reaches_every_public_function():
 
     table = inspect.getsource(sys.modules[__name__]).split("BAD = [", 1)[1].split("\n]\n", 1)[0]
     aliases = {"data": data, "dpo": dpo, "H": H, "lora": lora, "losses": losses, "models": models, "plots": plots,
-               "prefix": prefix, "sampling": sampling, "extraction": extraction, "train": train, "utils": utils,
-               "widgets": widgets}
+               "prefix": prefix, "sampling": sampling, "grpo": grpo, "extraction": extraction, "train": train,
+               "utils": utils, "widgets": widgets}
     missing = []
     for alias, module in aliases.items():
         for name in module.__all__:

@@ -1,0 +1,212 @@
+r"""GRPO: group relative policy optimisation (Shao et al., 2024, arXiv 2402.03300).
+
+The policy samples $G$ completions of each prompt; a program scores them. Each
+completion's **advantage** is its reward measured against the others of its group,
+
+$$A_i = \frac{r_i - \operatorname{mean}(r_1, \dots, r_G)}{\operatorname{std}(r_1, \dots, r_G) + 10^{-4}},$$
+
+so no value model is needed: the group is the baseline. Every token $t$ of completion $i$
+then gets PPO's clipped objective with the probability ratio
+$\rho_{i,t} = \pi_\theta(o_{i,t} \mid \cdot) / \pi_{\theta_{\mathrm{old}}}(o_{i,t} \mid \cdot)$,
+
+$$\ell_{i,t} = -\min\big(\rho_{i,t} A_i,\ \operatorname{clip}(\rho_{i,t}, 1 - \epsilon, 1 + \epsilon_{\mathrm{high}}) A_i\big) + \beta\, k_3(i, t),$$
+
+where $k_3 = e^{\log\pi_{\mathrm{ref}} - \log\pi_\theta} - (\log\pi_{\mathrm{ref}} - \log\pi_\theta) - 1 \ge 0$ is
+the per-token estimate of $\mathrm{KL}(\pi_\theta \,\|\, \pi_{\mathrm{ref}})$ (unbiased under
+samples from $\pi_\theta$). The loss averages $\ell$ over each completion's tokens, then over
+completions (``loss_type="grpo"``); ``"bnpo"`` averages over all tokens of the batch and
+``"dr_grpo"`` divides the sum by (completions x the longest completion allowed).
+
+Names follow TRL's ``GRPOTrainer`` (``advantages``, ``per_token_logps``,
+``old_per_token_logps``, ``ref_per_token_logps``, ``completion_mask``, the metrics ``kl``
+and ``clip_ratio/...``), so the tests compare ours with its loss number for number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from llmbook import losses
+from llmbook._checks import check_bool, check_float_tensor, check_int, check_real, check_tensor
+
+__all__ = ["LOSS_TYPES", "completion_logps", "grpo_loss", "group_advantages", "per_token_kl"]
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+_SCALES = ("group", "batch", "none")
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, *, scale_rewards: str = "group") -> torch.Tensor:
+    """Each completion's reward minus its group's mean, divided by the group's standard deviation (+1e-4).
+
+    Args:
+        rewards: ``(N,)``, the ``num_generations`` completions of each prompt next to each other.
+        num_generations: $G$, completions per prompt (at least 2: one alone has no baseline).
+        scale_rewards: ``"group"`` (divide by the group's std, Bessel-corrected), ``"batch"``
+            (by the std of all ``N`` rewards) or ``"none"`` (no division).
+
+    Returns:
+        ``(N,)`` float advantages; a group whose rewards are all equal gets 0 everywhere.
+    """
+    check_float_tensor(rewards, "rewards")
+    num_generations = check_int(num_generations, "num_generations", minimum=2)
+    if scale_rewards not in _SCALES:
+        raise ValueError(f"scale_rewards must be one of {_SCALES}, got {scale_rewards!r}")
+    if rewards.dim() != 1 or rewards.numel() % num_generations:
+        raise ValueError(f"rewards must have shape (N,) with N a multiple of num_generations = {num_generations}, "
+                         f"got {tuple(rewards.shape)}")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards must be finite (a NaN or inf reward would spread to its whole group)")
+    grouped = rewards.view(-1, num_generations)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards == "group":
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    elif scale_rewards == "batch":
+        advantages = advantages / (rewards.std() + 1e-4)
+    return advantages.reshape(-1)
+
+
+def per_token_kl(per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor) -> torch.Tensor:
+    r"""The k3 estimate of $\mathrm{KL}(\pi_\theta \,\|\, \pi_{\mathrm{ref}})$ at each sampled token: $e^{d} - d - 1$, $d = \log\pi_{\mathrm{ref}} - \log\pi_\theta$.
+
+    Never negative ($e^d \ge 1 + d$), zero where the two agree; its mean over tokens sampled
+    from $\pi_\theta$ is the exact KL (Schulman, 2020, "Approximating KL divergence").
+    """
+    check_float_tensor(per_token_logps, "per_token_logps")
+    check_float_tensor(ref_per_token_logps, "ref_per_token_logps")
+    if per_token_logps.shape != ref_per_token_logps.shape:
+        raise ValueError(f"per_token_logps {tuple(per_token_logps.shape)} and ref_per_token_logps "
+                         f"{tuple(ref_per_token_logps.shape)} must have the same shape")
+    d = ref_per_token_logps - per_token_logps
+    return torch.exp(d) - d - 1
+
+
+def completion_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    r"""$\log\pi_\theta(o_t \mid q, o_{<t})$ of every completion token: ``(B, C)``, 0 where ``completion_mask`` is 0.
+
+    Args:
+        model: a causal LM (transformers, with or without adapters).
+        batch: ``prompt_ids``, ``prompt_mask`` ``(B, P)`` (prompts padded on the left) and
+            ``completion_ids``, ``completion_mask`` ``(B, C)`` (completions padded on the right).
+
+    The prompt and completion go through the model as one sequence; only the completion's
+    positions are projected to the vocabulary (:func:`llmbook.losses.answer_logps`).
+    """
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a dict of prompt_ids, prompt_mask, completion_ids, completion_mask, "
+                        f"got {type(batch).__name__}")
+    names = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+    missing = [name for name in names if name not in batch]
+    if missing:
+        raise ValueError(f"batch is missing {missing}")
+    prompt_ids, prompt_mask, completion_ids, completion_mask = (check_tensor(batch[n], n) for n in names)
+    if prompt_ids.shape != prompt_mask.shape or completion_ids.shape != completion_mask.shape \
+            or prompt_ids.dim() != 2 or prompt_ids.shape[0] != completion_ids.shape[0]:
+        raise ValueError(f"prompt_ids/prompt_mask must be (B, P) and completion_ids/completion_mask (B, C), got "
+                         f"{tuple(prompt_ids.shape)}, {tuple(prompt_mask.shape)}, {tuple(completion_ids.shape)}, "
+                         f"{tuple(completion_mask.shape)}")
+    if not completion_mask.bool().any():
+        raise ValueError("completion_mask is 0 everywhere: there is no completion token to score")
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    labels = ids.masked_fill(mask == 0, losses.IGNORE_INDEX)
+    labels[:, : prompt_ids.shape[1]] = losses.IGNORE_INDEX
+    logps, _ = losses.answer_logps(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    C = completion_ids.shape[1]
+    out = logps.new_zeros(ids.shape[0], C)  # answer_logps covers the columns from the first scored one on
+    out[:, C - logps.shape[1]:] = logps
+    return out
+
+
+def grpo_loss(
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    ref_per_token_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+    use_bias_correction_kl: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    r"""GRPO's clipped loss with the k3 KL penalty, and TRL's metrics.
+
+    Args:
+        per_token_logps: ``(B, C)`` $\log\pi_\theta$ of the sampled tokens (with gradient).
+        old_per_token_logps: ``(B, C)`` the same under the policy that sampled them (no gradient).
+            At the first step on fresh samples they are ``per_token_logps.detach()``: the ratio is
+            1 and the loss's gradient is the plain policy gradient.
+        advantages: ``(B,)`` from :func:`group_advantages`.
+        completion_mask: ``(B, C)``, 1 on the completion's tokens.
+        ref_per_token_logps: ``(B, C)`` under the reference; needed when ``beta > 0``.
+        beta: the KL penalty's weight ($\beta \ge 0$).
+        epsilon, epsilon_high: the clipping range $[1 - \epsilon, 1 + \epsilon_{\mathrm{high}}]$
+            (``epsilon_high`` defaults to ``epsilon``).
+        loss_type: ``"grpo"``, ``"bnpo"`` or ``"dr_grpo"`` (see the module's text).
+        max_completion_length: ``dr_grpo``'s divisor per completion (default ``C``).
+        use_bias_correction_kl: weight each token's k3 by the ratio $\rho_{i,t}$: the tokens were
+            sampled from $\pi_{\theta_{\mathrm{old}}}$, and $\rho$ turns their average into an estimate
+            of the KL under $\pi_\theta$ (importance sampling; TRL's default). No effect while
+            $\rho = 1$.
+
+    Returns:
+        ``(loss, metrics)``: ``metrics`` holds ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+        ``clip_ratio/region_mean`` (shares of completion tokens whose ratio the clip cut off)
+        and, when ``beta > 0``, ``kl`` (the mean k3 over completion tokens, ratio-weighted when
+        ``use_bias_correction_kl``).
+    """
+    check_float_tensor(per_token_logps, "per_token_logps")
+    check_float_tensor(old_per_token_logps, "old_per_token_logps")
+    check_float_tensor(advantages, "advantages")
+    check_tensor(completion_mask, "completion_mask")
+    shape = per_token_logps.shape
+    if per_token_logps.dim() != 2 or old_per_token_logps.shape != shape or completion_mask.shape != shape:
+        raise ValueError(f"per_token_logps, old_per_token_logps and completion_mask must share one (B, C) shape, got "
+                         f"{tuple(shape)}, {tuple(old_per_token_logps.shape)}, {tuple(completion_mask.shape)}")
+    if advantages.shape != shape[:1]:
+        raise ValueError(f"advantages must have shape (B,) = {tuple(shape[:1])}, got {tuple(advantages.shape)}")
+    beta = check_real(beta, "beta", low=0.0)
+    use_bias_correction_kl = check_bool(use_bias_correction_kl, "use_bias_correction_kl")
+    epsilon = check_real(epsilon, "epsilon", low=0.0, low_open=True, high=1.0, high_open=True)
+    epsilon_high = epsilon if epsilon_high is None else check_real(epsilon_high, "epsilon_high", low=0.0,
+                                                                   low_open=True)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if beta > 0 and ref_per_token_logps is None:
+        raise ValueError("beta > 0 needs ref_per_token_logps (the reference's log-probabilities of the tokens)")
+    C = shape[1]
+    max_completion_length = C if max_completion_length is None else check_int(
+        max_completion_length, "max_completion_length", minimum=C)
+
+    mask = completion_mask.to(per_token_logps.dtype)
+    ratio = torch.exp(per_token_logps - old_per_token_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    A = advantages[:, None]
+    per_token_loss = -torch.min(ratio * A, clipped * A)
+    metrics = {}
+
+    def masked_mean(x):
+        return ((x * mask).sum() / mask.sum().clamp(min=1.0)).item()
+
+    if beta > 0:
+        kl = per_token_kl(per_token_logps, ref_per_token_logps)
+        if use_bias_correction_kl:
+            kl = kl * ratio
+        per_token_loss = per_token_loss + beta * kl
+        metrics["kl"] = masked_mean(kl.detach())
+    if loss_type == "grpo":
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    else:  # dr_grpo
+        loss = (per_token_loss * mask).sum() / (shape[0] * max_completion_length)
+    low = ((ratio < 1 - epsilon) & (A < 0)).float().detach()
+    high = ((ratio > 1 + epsilon_high) & (A > 0)).float().detach()
+    metrics["clip_ratio/low_mean"] = masked_mean(low)
+    metrics["clip_ratio/high_mean"] = masked_mean(high)
+    metrics["clip_ratio/region_mean"] = masked_mean(torch.maximum(low, high))
+    return loss, metrics
