@@ -33,3 +33,20 @@ def chat_model(tokenizer):
     from llmbook.models import tiny_model
 
     return tiny_model(seed=0, vocab_size=len(tokenizer))
+
+
+class _HidesItsHead(torch.nn.Module):
+    """A causal LM behind a forward with no ``get_output_embeddings`` and no ``logits_to_keep``."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.fixture
+def hide_head():
+    """``hide_head(model)``: the model as a library sees one that hides its output layer (full logits only)."""
+    return _HidesItsHead

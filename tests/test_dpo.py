@@ -120,20 +120,11 @@ def test_concatenated_forward_equals_two_separate_forwards(small_batch):
     torch.testing.assert_close(rejected, separate[1], rtol=1e-5, atol=1e-4)
 
 
-def test_concatenated_forward_of_a_model_that_hides_its_head_gives_the_same(small_batch):
+def test_concatenated_forward_of_a_model_that_hides_its_head_gives_the_same(small_batch, hide_head):
     batch, model = small_batch, tiny(0, 256)
-
-    class PlainForward(torch.nn.Module):  # no get_output_embeddings, no logits_to_keep: full logits
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask=None, use_cache=False):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
-
     with torch.no_grad():
         kept = torch.stack(dpo.concatenated_forward(model, batch))
-        full = torch.stack(dpo.concatenated_forward(PlainForward(model), batch))
+        full = torch.stack(dpo.concatenated_forward(hide_head(model), batch))
     torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-4)
 
 

@@ -440,7 +440,7 @@ def _greedy_batch(model, tokenizer, n_new=3):
     return batch
 
 
-def test_labelled_logits_are_the_full_logits_at_the_labelled_positions():
+def test_labelled_logits_are_the_full_logits_at_the_labelled_positions(hide_head):
     model = models.tiny_model(seed=0, vocab_size=50)
     ids = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(1))
     labels = masked_labels()
@@ -451,17 +451,8 @@ def test_labelled_logits_are_the_full_logits_at_the_labelled_positions():
     torch.testing.assert_close(logits, full[:, :-1][scored], **TOL[torch.float32])
     logits.sum().backward()  # differentiable: the gradient reaches the weights below the head
     assert model.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
-
-    class HiddenHead(torch.nn.Module):  # no get_output_embeddings: the full logits are indexed
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask=None, use_cache=False):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
-
-    with torch.no_grad():
-        plain, _ = losses.labelled_logits(HiddenHead(model), batch)
+    with torch.no_grad():  # a model that hides its head: the full logits are indexed
+        plain, _ = losses.labelled_logits(hide_head(model), batch)
     torch.testing.assert_close(plain, full[:, :-1][scored].detach(), **TOL[torch.float32])
 
 
