@@ -215,9 +215,13 @@ def concatenated_forward(model: torch.nn.Module, batch: Mapping[str, torch.Tenso
     _check_every_row_has_answer(inputs["labels"])
     logits, scored = losses.labelled_logits(model, inputs)  # (N, V) at the N answer tokens
     token_logps = losses.selective_log_softmax(logits, inputs["labels"][:, 1:][scored])  # (N,)
-    rows = scored.nonzero()[:, 0]
-    logps = token_logps.new_zeros(scored.shape[0]).index_add(0, rows, token_logps)  # (2B,)
+    logps = _row_sums(token_logps, scored.nonzero()[:, 0], scored.shape[0])  # (2B,)
     return logps.chunk(2, dim=0)
+
+
+def _row_sums(token_logps: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``(n_rows,)``: each row's sum of the ``(N,)`` token log-probabilities, ``rows`` naming each one's row."""
+    return token_logps.new_zeros(n_rows).index_add(0, rows, token_logps)
 
 
 def _answer_distributions(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]):
@@ -413,7 +417,7 @@ def preference_eval(
             token_logps = {"policy": dist.gather(1, target[:, None])[:, 0],
                            "ref": ref_dist.gather(1, target[:, None])[:, 0]}
             for key, logps in token_logps.items():
-                out[key].append(logps.new_zeros(n_rows).index_add(0, rows, logps))
+                out[key].append(_row_sums(logps, rows, n_rows))
             if stop_token_id is not None:
                 for row in range(n_rows // 2):  # the chosen rows
                     where = ((rows == row) & (target == stop_token_id)).nonzero().flatten()
@@ -468,7 +472,7 @@ def with_reference_logps(
             with _reference(model, ref_model) as reference:
                 dist, target, rows = _answer_distributions(reference, inputs)
             logps = dist.gather(1, target[:, None])[:, 0]
-            sums = logps.new_zeros(inputs["labels"].shape[0]).index_add(0, rows, logps)
+            sums = _row_sums(logps, rows, inputs["labels"].shape[0])
             ref_chosen, ref_rejected = sums.chunk(2)
             out.append({**batch, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected,
                         "ref_token_logprobs": dist})
