@@ -19,7 +19,7 @@ from types import ModuleType
 from llmbook.data import write_jsonl
 
 HERE = Path(__file__).resolve().parent
-NAMES = ("sft", "lora_task", "closed_book_qa", "sampling_task", "preferences", "harmlessness")  # in chapter order
+NAMES = ("sft", "lora_task", "closed_book_qa", "sampling_task", "preferences", "harmlessness", "arithmetic_rl")  # in chapter order
 
 
 def load(name: str) -> ModuleType:

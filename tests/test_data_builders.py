@@ -8,7 +8,7 @@ import pytest
 from llmbook.data import write_jsonl
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-NAMES = ["sft", "lora_task", "closed_book_qa", "sampling_task", "preferences", "harmlessness"]
+NAMES = ["sft", "lora_task", "closed_book_qa", "sampling_task", "preferences", "harmlessness", "arithmetic_rl"]
 
 
 def _load(stem: str):
