@@ -102,6 +102,73 @@ def test_at_the_first_inner_step_the_loss_gradient_is_the_plain_policy_gradient(
     assert metrics["clip_ratio/region_mean"] == 0.0  # ratio 1: nothing clipped
 
 
+# ---------------------------------------------------------------- rollouts
+
+def test_rollout_samples_what_generate_samples_and_masks_after_the_end():
+    model = tiny()
+    prompt_ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(3))
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[1, :2] = 0
+    eos = 7
+    batch = grpo.rollout(model, prompt_ids, prompt_mask, num_generations=3, max_new_tokens=6, eos_token_id=eos,
+                         pad_token_id=0, generator=torch.Generator().manual_seed(0))
+    # transformers' generate, same seed, same draws: the same tokens
+    torch.manual_seed(0)
+    want = model.generate(prompt_ids.repeat_interleave(3, 0), attention_mask=prompt_mask.repeat_interleave(3, 0),
+                          do_sample=True, top_k=0, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    torch.manual_seed(0)
+    again = grpo.rollout(model, prompt_ids, prompt_mask, num_generations=3, max_new_tokens=6, eos_token_id=eos,
+                         pad_token_id=0)
+    C = again["completion_ids"].shape[1]
+    assert torch.equal(again["completion_ids"], want[:, 5:5 + C])
+    assert torch.equal(batch["prompt_ids"], prompt_ids.repeat_interleave(3, 0))
+    # the mask is 1 up to and including each row's first end token, 0 after
+    for ids, mask in zip(batch["completion_ids"].tolist(), batch["completion_mask"].tolist()):
+        end = ids.index(eos) + 1 if eos in ids else len(ids)
+        assert mask == [1] * end + [0] * (len(ids) - end)
+    # the sampling log-probs are the model's own at those tokens
+    torch.testing.assert_close(batch["sampling_logps"], torch_completion_logps(model, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_recorded_hidden_states_let_the_top_layers_score_the_completions():
+    model = models.tiny_model(seed=0, vocab_size=V, num_hidden_layers=4)
+    top = models.top_layers(model, 2)
+    prompt_ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(4))
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[0, :1] = 0
+    batch = grpo.rollout(model, prompt_ids, prompt_mask, num_generations=2, max_new_tokens=5, eos_token_id=[],
+                         generator=torch.Generator().manual_seed(1), top_layers=2)
+    P, C = 5, batch["completion_ids"].shape[1]
+    assert batch["inputs_embeds"].shape == (4, P + C, 64)
+    # transformers' hidden states entering layer 2, from one pass over the whole sequence
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[2]
+    real = mask.bool()
+    real[:, -1] = False  # the last position is never computed (zeros)
+    torch.testing.assert_close(batch["inputs_embeds"][real], hidden[real], rtol=1e-5, atol=1e-5)
+    assert torch.equal(batch["inputs_embeds"][:, -1], torch.zeros(4, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(grpo.completion_logps(top, batch), torch_completion_logps(model, batch),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_compute_loss_is_grpo_loss_of_the_batch_with_its_metrics():
+    model, batch = tiny(), a_batch()
+    batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    batch["rewards"] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    batch["ref_per_token_logps"] = completion_logps_detached = grpo.completion_logps(model, batch).detach() - 0.1
+    loss, metrics = grpo.compute_loss(model, batch, beta=0.04)
+    logps = grpo.completion_logps(model, batch)
+    want, want_metrics = grpo.grpo_loss(logps, logps.detach(), batch["advantages"], batch["completion_mask"],
+                                        ref_per_token_logps=completion_logps_detached, beta=0.04)
+    torch.testing.assert_close(loss, want)
+    assert metrics["kl"] == pytest.approx(want_metrics["kl"]) and metrics["kl"] > 0
+    assert metrics["reward"] == 0.5
+    assert metrics["completion_length"] == batch["completion_mask"].float().sum(1).mean().item()
+
+
 def trl_loss(batch, per_token_logps_inputs, loss_type, beta, tokenizer, tmp_path):
     """TRL's GRPOTrainer._compute_loss on the same model and batch (eval mode: no accumulation divisor)."""
     from datasets import Dataset
@@ -161,5 +228,11 @@ def test_bad_inputs_are_named():
         grpo.grpo_loss(logps, logps, torch.zeros(2), mask, loss_type="dapo")
     with pytest.raises(ValueError, match="epsilon must be in"):
         grpo.grpo_loss(logps, logps, torch.zeros(2), mask, epsilon=1.5)
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        grpo.rollout(tiny(), torch.ones(1, 2, dtype=torch.long), num_generations=1, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"inputs_embeds must have shape \(B, P \+ C, H\)"):
+        grpo.completion_logps(tiny(), {**a_batch(), "inputs_embeds": torch.zeros(4, 3, 64)})
+    with pytest.raises(ValueError, match="'advantages' added"):
+        grpo.compute_loss(tiny(), a_batch())
     with pytest.raises(ValueError, match="completion_mask is 0 everywhere"):
         grpo.completion_logps(tiny(), {**a_batch(), "completion_mask": torch.zeros(4, 6, dtype=torch.long)})

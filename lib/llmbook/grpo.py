@@ -28,10 +28,13 @@ from collections.abc import Mapping
 
 import torch
 
-from llmbook import losses
+from llmbook import losses, sampling
 from llmbook._checks import check_bool, check_float_tensor, check_int, check_real, check_tensor
+from llmbook.models import _decoder_layers
+from llmbook.utils import eval_mode
 
-__all__ = ["LOSS_TYPES", "completion_logps", "grpo_loss", "group_advantages", "per_token_kl"]
+__all__ = ["LOSS_TYPES", "completion_logps", "compute_loss", "grpo_loss", "group_advantages", "per_token_kl",
+           "rollout"]
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 _SCALES = ("group", "batch", "none")
@@ -91,7 +94,9 @@ def completion_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) 
             ``completion_ids``, ``completion_mask`` ``(B, C)`` (completions padded on the right).
 
     The prompt and completion go through the model as one sequence; only the completion's
-    positions are projected to the vocabulary (:func:`llmbook.losses.answer_logps`).
+    positions are projected to the vocabulary (:func:`llmbook.losses.answer_logps`). When the
+    batch holds ``inputs_embeds`` ``(B, P + C, H)`` (a :func:`rollout` with ``top_layers=k``),
+    those go in instead of the ids: ``model`` is then a :func:`llmbook.models.top_layers` copy.
     """
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a dict of prompt_ids, prompt_mask, completion_ids, completion_mask, "
@@ -112,7 +117,14 @@ def completion_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) 
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     labels = ids.masked_fill(mask == 0, losses.IGNORE_INDEX)
     labels[:, : prompt_ids.shape[1]] = losses.IGNORE_INDEX
-    logps, _ = losses.answer_logps(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    inputs = {"input_ids": ids}
+    if "inputs_embeds" in batch:
+        embeds = check_float_tensor(batch["inputs_embeds"], "inputs_embeds")
+        if embeds.dim() != 3 or embeds.shape[:2] != ids.shape:
+            raise ValueError(f"inputs_embeds must have shape (B, P + C, H) = {tuple(ids.shape)} + (H,), "
+                             f"got {tuple(embeds.shape)}")
+        inputs = {"inputs_embeds": embeds}
+    logps, _ = losses.answer_logps(model, {**inputs, "attention_mask": mask, "labels": labels})
     C = completion_ids.shape[1]
     out = logps.new_zeros(ids.shape[0], C)  # answer_logps covers the columns from the first scored one on
     out[:, C - logps.shape[1]:] = logps
@@ -209,4 +221,120 @@ def grpo_loss(
     metrics["clip_ratio/low_mean"] = masked_mean(low)
     metrics["clip_ratio/high_mean"] = masked_mean(high)
     metrics["clip_ratio/region_mean"] = masked_mean(torch.maximum(low, high))
+    return loss, metrics
+
+
+@torch.no_grad()
+def rollout(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor | None = None,
+    *,
+    num_generations: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    top_layers: int | None = None,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    r"""$G$ sampled completions of each prompt, as a batch for :func:`completion_logps` and :func:`grpo_loss`.
+
+    The samples come from :func:`llmbook.sampling.generate` (one prompt pass per prompt, its
+    KV cache copied to the $G$ rows).
+
+    Args:
+        model: the policy, a causal LM of the transformers library.
+        prompt_ids: ``(B, P)`` prompts, left-padded; ``prompt_mask`` ``(B, P)`` is 0 on padding
+            (``None``: no padding).
+        num_generations: $G$, completions per prompt (at least 2: the group is the baseline).
+        max_new_tokens, temperature, top_p, eos_token_id, pad_token_id, generator: as in
+            :func:`llmbook.sampling.generate`.
+        top_layers: ``k`` records, while sampling, the hidden states entering the model's
+            layer ``L - k`` at every position, so that a :func:`llmbook.models.top_layers`
+            copy can score the completions without running the ``L - k`` layers below again
+            (they hold no trainable parameter). ``None``: nothing recorded.
+        progress: a bar over the decoding steps.
+
+    Returns:
+        ``prompt_ids``, ``prompt_mask`` ``(N, P)`` with ``N = B G`` (each prompt repeated
+        $G$ times, next to each other), ``completion_ids`` and ``completion_mask`` ``(N, C)``
+        (1 up to and including a row's first end token), ``sampling_logps`` ``(N, C)`` (each
+        token's log-probability under the model when it was sampled, temperature 1, 0 on
+        padding); with ``top_layers``, ``inputs_embeds`` ``(N, P + C, H)``. Its last position
+        is zeros: the hidden state of the last token is never computed, and nothing scored
+        reads it (position $t$ only sees positions up to $t$).
+    """
+    G = check_int(num_generations, "num_generations", minimum=2, hint="(a group of one has no baseline)")
+    check_tensor(prompt_ids, "prompt_ids")
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompt_ids)
+    layers, hook, recorded = None, None, []
+    if top_layers is not None:
+        layers, k = _decoder_layers(model, top_layers)
+
+        def record(module, args, kwargs):
+            recorded.append(args[0] if args else kwargs["hidden_states"])
+
+        hook = layers[len(layers) - k].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with eval_mode(model):  # sampling, not training: no dropout
+            sequences, logps = sampling.generate(
+                model, prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                generator=generator, num_return_sequences=G, output_logps=True, progress=progress)
+    finally:
+        if hook is not None:
+            hook.remove()
+    device = sequences.device
+    P = prompt_ids.shape[1]
+    completion_ids = sequences[:, P:]
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    ended = torch.isin(completion_ids, torch.tensor(eos, dtype=torch.long, device=device))
+    after_end = (ended.long().cumsum(1) - ended.long()) > 0  # positions past a row's first end token
+    batch = {
+        "prompt_ids": prompt_ids.to(device).repeat_interleave(G, dim=0),
+        "prompt_mask": prompt_mask.to(device).repeat_interleave(G, dim=0),
+        "completion_ids": completion_ids,
+        "completion_mask": (~after_end).long(),
+        "sampling_logps": logps,
+    }
+    if top_layers is not None:  # the prompt pass (B rows), then one position per decoding step (N rows)
+        steps = [recorded[0].repeat_interleave(G, dim=0), *recorded[1:]]
+        hidden = torch.cat(steps, dim=1)
+        batch["inputs_embeds"] = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2])], dim=1)
+    return batch
+
+
+def compute_loss(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_type: str = "grpo",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss of a :func:`rollout` batch, a ``loss_fn`` for :func:`llmbook.train.train`.
+
+    The batch holds ``advantages`` ``(N,)`` and, when ``beta > 0``, ``ref_per_token_logps``
+    ``(N, C)``; ``old_per_token_logps`` when it was sampled before the latest update, else the
+    current log-probabilities (detached) stand in for them: one update per batch, as TRL's
+    default ``num_iterations=1``. Metrics: those of :func:`grpo_loss`, plus ``reward`` (the
+    mean of ``rewards`` when the batch has them) and ``completion_length`` (mean tokens).
+    """
+    if not isinstance(batch, Mapping) or "advantages" not in batch:
+        raise ValueError("batch must be a dict from rollout() with 'advantages' added (group_advantages)")
+    logps = completion_logps(model, batch)
+    old = batch.get("old_per_token_logps")
+    loss, metrics = grpo_loss(logps, logps.detach() if old is None else old, batch["advantages"],
+                              batch["completion_mask"], ref_per_token_logps=batch.get("ref_per_token_logps"),
+                              beta=beta, epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type)
+    if "rewards" in batch:
+        metrics["reward"] = batch["rewards"].float().mean().item()
+    metrics["completion_length"] = batch["completion_mask"].float().sum(1).mean().item()
     return loss, metrics
