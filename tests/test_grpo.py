@@ -158,11 +158,12 @@ def test_compute_loss_is_grpo_loss_of_the_batch_with_its_metrics():
     model, batch = tiny(), a_batch()
     batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])
     batch["rewards"] = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    batch["ref_per_token_logps"] = completion_logps_detached = grpo.completion_logps(model, batch).detach() - 0.1
+    ref = grpo.completion_logps(model, batch).detach() - 0.1  # a reference a little off the policy
+    batch["ref_per_token_logps"] = ref
     loss, metrics = grpo.compute_loss(model, batch, beta=0.04)
     logps = grpo.completion_logps(model, batch)
     want, want_metrics = grpo.grpo_loss(logps, logps.detach(), batch["advantages"], batch["completion_mask"],
-                                        ref_per_token_logps=completion_logps_detached, beta=0.04)
+                                        ref_per_token_logps=ref, beta=0.04)
     torch.testing.assert_close(loss, want)
     assert metrics["kl"] == pytest.approx(want_metrics["kl"]) and metrics["kl"] > 0
     assert metrics["reward"] == 0.5
