@@ -1,0 +1,318 @@
+"""The Chinese edition: one source (the English pages and notebooks), Chinese in gettext catalogues.
+
+Sphinx's gettext builder cuts every page into messages (a paragraph, a heading, a table
+cell, a list item), keyed by their English Markdown. The Chinese of each lives in
+``locale/zh_CN/LC_MESSAGES/<page>.po``; the Chinese build replaces every message by its
+translation and keeps code, outputs and figures of the same executed notebooks.
+
+    python scripts/book_i18n.py update   # English changed: refresh the catalogues
+    python scripts/book_i18n.py check    # every message translated, nothing fuzzy, spans kept
+    python scripts/book_i18n.py build    # check, then build _build/html/zh/
+
+``update`` keeps every translation whose English is unchanged; an edited paragraph keeps
+its old Chinese marked *fuzzy*, a new one gets none. ``check`` (and so ``build``, and so
+``make book``) fails on both, naming the page, the line and the English, so that an edit
+of the English cannot land without its Chinese. It also fails when a translation loses or
+changes a math span, a code span, a number, a link or a role's target, when it leaves a
+glossary term out of its glossary Chinese, and when it has no Chinese at all without the
+translator comment ``same in Chinese`` (a name, an English term in the glossary's own
+column). Messages with nothing to translate (numbers, code, math, text already Chinese)
+are filled in by ``update`` itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import polib
+
+ROOT = Path(__file__).resolve().parents[1]
+LANGUAGE = "zh_CN"
+# The Chinese edition is served from this folder of the English site.
+SUBDIR = "zh"
+LOCALE = "locale"
+SAME = "same in Chinese"
+TITLE_ZH = "大模型微调与对齐：可运行的教程"
+CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
+# Spans a translation must keep as they are. Order matters: code before math (a `$` in
+# code is code), roles and links before bare numbers.
+CODE = re.compile(r"(`+)(.+?)\1", re.S)
+MATH = re.compile(r"\$\$.+?\$\$|\$[^$\n]+?\$", re.S)
+ROLE = re.compile(r"\{([\w:-]+)\}`([^`]*)`")
+LINK = re.compile(r"\]\(([^)\s]+)\)|<(https?://[^>\s]+)>")
+NUMBER = re.compile(r"(?<![\w.])[-−]?\d+(?:[.,]\d+)*")
+# Words that a message of figures only may still contain (units, the "x" of "3 x 4").
+UNITS = {"s", "ms", "min", "h", "x", "k", "m", "b", "kib", "mib", "gib", "mb", "gb", "kb", "it"}
+
+
+def strip_spans(text: str) -> tuple[str, dict[str, list[str]]]:
+    """The text without its code, math, role and link spans, and those spans by kind."""
+    spans: dict[str, list[str]] = {"code": [], "math": [], "role target": [], "link": []}
+
+    def role(m: re.Match) -> str:
+        target = re.search(r"<([^<>]+)>\s*$", m.group(2))
+        spans["role target"].append(f"{{{m.group(1)}}}" + (target.group(1) if target else m.group(2)))
+        # The role's visible title is text: it is translated and its numbers are kept.
+        return " " + (m.group(2)[: target.start()] if target else "") + " "
+
+    text = ROLE.sub(role, text)
+    text = CODE.sub(lambda m: spans["code"].append(m.group(2).strip()) or " ", text)
+    text = MATH.sub(lambda m: spans["math"].append(re.sub(r"\s+", "", m.group(0))) or " ", text)
+    text = LINK.sub(lambda m: spans["link"].append(m.group(1) or m.group(2)) or "] ", text)
+    return text, spans
+
+
+def kept_spans(text: str) -> dict[str, list[str]]:
+    """What a translation must keep: code, math, role targets, links and numbers, sorted."""
+    rest, spans = strip_spans(text)
+    spans["number"] = [n.replace("−", "-") for n in NUMBER.findall(rest)]
+    return {kind: sorted(values) for kind, values in spans.items()}
+
+
+def nothing_to_translate(msgid: str) -> bool:
+    """True for figures, code, math and text that is Chinese already: copied as they are."""
+    rest, _ = strip_spans(msgid)
+    rest = NUMBER.sub(" ", rest)
+    words = re.findall(r"[A-Za-z][A-Za-z'-]*", rest)
+    return all(w.lower() in UNITS for w in words)
+
+
+# --- the glossary: its English terms and their Chinese -------------------------------------
+
+# English spellings that name a glossary term without its exact words.
+TERM_VARIANTS = {
+    "logprobs": ["log-probs", "log-prob", "log-probabilities", "log-probability", "logprob"],
+    "prefix-tuning": ["prefix tuning"],
+    "KL divergence": ["KL-divergence"],
+    "hallucination": ["hallucinate", "hallucinates", "hallucinated", "hallucinating"],
+}
+
+
+def _plain(cell: str) -> str:
+    """A glossary cell without its parenthesis: the term itself."""
+    return re.sub(r"\s*\([^()]*\)\s*$", "", cell).strip()
+
+
+def glossary_terms(path: Path = ROOT / "glossary.md") -> dict[str, str]:
+    """English term -> the Chinese the glossary gives it, from the glossary's table.
+
+    The term is the cell without its parenthesis ("teacher forcing" from "teacher forcing";
+    "prefix-tuning"; "LoRA" from "LoRA (low-rank adaptation)"); cells with "a / b" give two
+    terms. Terms that are math only ($\\beta$) are left out: math is kept as it is anyway.
+    """
+    terms: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or not CJK.search(cells[1]) or cells[0] in ("English", "---"):
+            continue
+        english, chinese = _plain(cells[0]), _plain(cells[1])
+        pairs = (zip(english.split(" / "), chinese.split(" / "))
+                 if english.count(" / ") == chinese.count(" / ") else [(english, chinese)])
+        for en, zh in pairs:
+            if en.strip() and not MATH.fullmatch(en.strip()):
+                terms[en.strip()] = zh.strip()
+    return terms
+
+
+def term_pattern(term: str) -> re.Pattern:
+    """The term and its variants as whole words (a plural -s or -es allowed), any case."""
+    spellings = [term, *TERM_VARIANTS.get(term, [])]
+    alternatives = "|".join(re.escape(s) + r"(?:e?s)?" for s in sorted(spellings, key=len, reverse=True))
+    return re.compile(rf"(?<![\w-])(?:{alternatives})(?![\w-])", re.I)
+
+
+# --- catalogues ------------------------------------------------------------------------------
+
+@dataclass
+class Problem:
+    page: str
+    line: str
+    what: str
+    msgid: str
+
+    def __str__(self) -> str:
+        english = self.msgid if len(self.msgid) <= 160 else self.msgid[:157] + "..."
+        return f"{self.page} ({self.line}): {self.what}\n    English: {english!r}"
+
+
+def po_path(page: str, locale: Path) -> Path:
+    return locale / LANGUAGE / "LC_MESSAGES" / f"{page}.po"
+
+
+def build_sphinx_here(out: Path, builder: str, doctrees: Path, overrides: dict, *, strict: bool) -> int:
+    """Jupyter Book's Sphinx build of this book, with `overrides` on top of _config.yml."""
+    from jupyter_book.sphinx import build_sphinx
+
+    overrides = {"latex_individualpages": False, **overrides}
+    return build_sphinx(str(ROOT), str(out), noconfig=True, path_config=str(ROOT / "_config.yml"),
+                        confoverrides=overrides, builder=builder, doctreedir=str(doctrees),
+                        warningiserror=strict, keep_going=strict, quiet=True)
+
+
+def extract(pot_dir: Path) -> list[str]:
+    """Write one .pot per page into `pot_dir` (Sphinx's gettext builder); the pages' names."""
+    if pot_dir.exists():
+        shutil.rmtree(pot_dir)
+    # A fixed creation date in the .pot headers, so that `update` rewrites no catalogue
+    # whose messages did not change.
+    os.environ["SOURCE_DATE_EPOCH"] = "0"
+    code = build_sphinx_here(pot_dir, "gettext", pot_dir.parent / ".doctrees-gettext",
+                             {"gettext_compact": False, "gettext_uuid": False,
+                              "gettext_location": True, "gettext_last_translator": "",
+                              "version": "", "release": ""}, strict=False)
+    if code:
+        raise SystemExit(f"the gettext build failed (exit {code})")
+    return sorted(str(p.relative_to(pot_dir).with_suffix("")) for p in pot_dir.rglob("*.pot"))
+
+
+def fill_neutral(po: polib.POFile) -> int:
+    """Copy messages with nothing to translate; returns how many were filled."""
+    filled = 0
+    for entry in po:
+        if not entry.obsolete and not entry.msgstr and nothing_to_translate(entry.msgid):
+            entry.msgstr = entry.msgid
+            entry.tcomment = SAME
+            filled += 1
+    return filled
+
+
+def update(pot_dir: Path, locale: Path) -> None:
+    """Merge the fresh .pot files into the catalogues (sphinx-intl, which marks edits fuzzy)."""
+    from sphinx_intl.basic import update as intl_update
+
+    intl_update(str(locale), str(pot_dir), (LANGUAGE,), line_width=-1, jobs=1)
+    for po_file in sorted((locale / LANGUAGE / "LC_MESSAGES").rglob("*.po")):
+        page = str(po_file.relative_to(locale / LANGUAGE / "LC_MESSAGES").with_suffix(""))
+        if not (pot_dir / f"{page}.pot").exists():
+            print(f"{po_file}: no such page any more; delete it")
+            continue
+        po = polib.pofile(str(po_file), wrapwidth=0)
+        obsolete = [e for e in po if e.obsolete]
+        for entry in obsolete:
+            po.remove(entry)
+        filled = fill_neutral(po)
+        po.save(str(po_file))
+        todo = sum(1 for e in po if not e.msgstr or "fuzzy" in e.flags)
+        print(f"{po_file}: {filled} copied as they are, {len(obsolete)} obsolete removed, {todo} to translate")
+
+
+def check_entry(page: str, entry: polib.POEntry, terms: dict[str, tuple[str, re.Pattern]]) -> list[str]:
+    """What is wrong with one translated message (an empty list when nothing is)."""
+    if not entry.msgstr:
+        return ["no translation"]
+    if "fuzzy" in entry.flags:
+        return ["fuzzy: the English changed since it was translated"]
+    problems = []
+    if not CJK.search(entry.msgstr) and SAME not in (entry.tcomment or ""):
+        problems.append(f"no Chinese in the translation (a name or term kept as it is needs the "
+                        f"translator comment '# {SAME}')")
+    want, got = kept_spans(entry.msgid), kept_spans(entry.msgstr)
+    for kind in want:
+        if want[kind] != got[kind]:
+            lost = sorted(set(want[kind]) - set(got[kind]))
+            added = sorted(set(got[kind]) - set(want[kind]))
+            problems.append(f"{kind} spans differ (English {want[kind]}, Chinese {got[kind]}"
+                            + (f"; lost {lost}" if lost else "") + (f"; added {added}" if added else "") + ")")
+    if page != "glossary" or not CJK.search(entry.msgid):
+        rest_en, _ = strip_spans(entry.msgid)
+        rest_zh, _ = strip_spans(entry.msgstr)
+        for chinese, (english, pattern) in terms.items():
+            if pattern.search(rest_en) and _squash(chinese) not in _squash(rest_zh):
+                problems.append(f"the glossary's Chinese for {english} is {chinese!r}, missing here")
+    return problems
+
+
+def _squash(text: str) -> str:
+    """Lower case without spaces: "KV 缓存" and "KV缓存" are the same term."""
+    return re.sub(r"\s+", "", text).lower()
+
+
+def term_patterns() -> dict[str, tuple[str, re.Pattern]]:
+    """Chinese term -> its English term(s) (for messages) and the pattern that finds them."""
+    english: dict[str, list[str]] = {}
+    for en, zh in glossary_terms().items():
+        english.setdefault(zh, []).append(en)
+    return {zh: (" / ".join(repr(e) for e in ens),
+                 re.compile("|".join(term_pattern(e).pattern for e in ens), re.I))
+            for zh, ens in english.items()}
+
+
+def check(pot_dir: Path, locale: Path, pages: list[str] | None = None) -> list[Problem]:
+    """Every message of every page translated, not fuzzy, spans kept, glossary terms used."""
+    terms = term_patterns()
+    problems = []
+    for pot_file in sorted(pot_dir.rglob("*.pot")):
+        page = str(pot_file.relative_to(pot_dir).with_suffix(""))
+        if pages and page not in pages:
+            continue
+        po_file = po_path(page, locale)
+        if not po_file.exists():
+            problems.append(Problem(page, str(po_file), "no catalogue for this page "
+                                    "(run: python scripts/book_i18n.py update)", ""))
+            continue
+        translated = {e.msgid: e for e in polib.pofile(str(po_file)) if not e.obsolete}
+        for entry in polib.pofile(str(pot_file)):
+            line = ", ".join(f"{Path(f).name}:{n}" for f, n in entry.occurrences[:2])
+            found = translated.get(entry.msgid)
+            if found is None:
+                problems.append(Problem(page, line, "not in the catalogue (run: python "
+                                        "scripts/book_i18n.py update, then translate it)", entry.msgid))
+                continue
+            problems += [Problem(page, line, what, entry.msgid) for what in check_entry(page, found, terms)]
+    return problems
+
+
+def build(out: Path, locale: Path, pot_dir: Path) -> int:
+    """The Chinese edition into `out`, after `check` passed."""
+    problems = check(pot_dir, locale)
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"\nThe Chinese edition is not built: {len(problems)} message(s) above need their "
+              f"Chinese (in {locale}/{LANGUAGE}/LC_MESSAGES/<page>.po). After an edit of the English, "
+              "run `python scripts/book_i18n.py update` and translate what it lists.", file=sys.stderr)
+        return 1
+    return build_sphinx_here(out, "html", ROOT / "_build" / ".doctrees-zh",
+                             {"language": LANGUAGE, "locale_dirs": [str(locale.resolve())],
+                              "gettext_compact": False, "html_title": TITLE_ZH,
+                              "html_search_language": "zh"}, strict=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["update", "check", "build", "terms"])
+    parser.add_argument("--page", action="append", help="check only this page (e.g. chapters/03_lora)")
+    parser.add_argument("--out", type=Path, default=ROOT / "_build" / "html" / SUBDIR,
+                        help="where `build` writes the Chinese edition (default: _build/html/zh)")
+    parser.add_argument("--locale", type=Path, default=ROOT / LOCALE)
+    parser.add_argument("--pots", type=Path, help="check against these .pot files instead of "
+                        "extracting them afresh (they are written to _build/gettext)")
+    args = parser.parse_args(argv)
+    if args.command == "terms":
+        for english, chinese in glossary_terms().items():
+            print(f"{english:36} {chinese}")
+        return 0
+    pot_dir = args.pots or ROOT / "_build" / "gettext"
+    if not args.pots:
+        extract(pot_dir)
+    if args.command == "update":
+        update(pot_dir, args.locale)
+        return 0
+    if args.command == "check":
+        problems = check(pot_dir, args.locale, args.page)
+        for problem in problems:
+            print(problem)
+        print(f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+    return build(args.out, args.locale, pot_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
