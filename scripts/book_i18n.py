@@ -203,7 +203,7 @@ def update(pot_dir: Path, locale: Path) -> None:
         print(f"{po_file}: {filled} copied as they are, {len(obsolete)} obsolete removed, {todo} to translate")
 
 
-def check_entry(page: str, entry: polib.POEntry, terms: dict[str, tuple[str, re.Pattern]]) -> list[str]:
+def check_entry(entry: polib.POEntry, terms: dict[str, tuple[str, re.Pattern]]) -> list[str]:
     """What is wrong with one translated message (an empty list when nothing is)."""
     if not entry.msgstr:
         return ["no translation"]
@@ -220,7 +220,8 @@ def check_entry(page: str, entry: polib.POEntry, terms: dict[str, tuple[str, re.
             added = sorted(set(got[kind]) - set(want[kind]))
             problems.append(f"{kind} spans differ (English {want[kind]}, Chinese {got[kind]}"
                             + (f"; lost {lost}" if lost else "") + (f"; added {added}" if added else "") + ")")
-    if page != "glossary" or not CJK.search(entry.msgid):
+    # A message kept in English on purpose (the glossary's English column) keeps its terms too.
+    if SAME not in (entry.tcomment or ""):
         rest_en, _ = strip_spans(entry.msgid)
         rest_zh, _ = strip_spans(entry.msgstr)
         for chinese, (english, pattern) in terms.items():
@@ -265,7 +266,7 @@ def check(pot_dir: Path, locale: Path, pages: list[str] | None = None) -> list[P
                 problems.append(Problem(page, line, "not in the catalogue (run: python "
                                         "scripts/book_i18n.py update, then translate it)", entry.msgid))
                 continue
-            problems += [Problem(page, line, what, entry.msgid) for what in check_entry(page, found, terms)]
+            problems += [Problem(page, line, what, entry.msgid) for what in check_entry(found, terms)]
     return problems
 
 
