@@ -33,9 +33,12 @@ $(ASSETS): scripts/fetch_book_assets.sh
 data: setup
 	$(BIN)/python data/build.py
 
-# Build the book from the committed, executed notebooks; warnings are errors.
+# Build the book from the committed, executed notebooks; warnings are errors. The English
+# edition goes to _build/html/, the Chinese one (locale/, see locale/README.md) to
+# _build/html/zh/; a paragraph without its Chinese, or a fuzzy one, stops the build.
 book: setup
 	$(BIN)/jupyter-book build . -W --keep-going
+	$(BIN)/python scripts/book_i18n.py build
 	$(BIN)/python scripts/check_offline.py _build/html
 	@echo "Open _build/html/index.html"
 

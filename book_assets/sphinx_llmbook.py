@@ -11,6 +11,12 @@
   fonts): the manager loads its fonts from its own module URL, which RequireJS would
   otherwise place next to the page, where there is nothing. And the widgets, written for
   MathJax 2, get the one MathJax 2 call they make, passed on to MathJax 3.
+- Every page links to the same page in the other language: the English edition is built
+  into ``_build/html/``, the Chinese one (``language = "zh_CN"``, scripts/book_i18n.py)
+  into ``_build/html/zh/``. The link sits at the top of the article, and the page's head
+  names its counterpart as a ``rel="alternate"`` with ``hreflang``.
+- The Chinese edition's part captions are translated from the root page's catalogue
+  (sphinx-external-toc adds its toctrees after Sphinx's own translation step).
 - Inline scripts that two extensions both add (the book theme and sphinx-thebe each add
   the thebe settings) are written once per page: twice, the second ``const`` declaration
   is a JavaScript error in the reader's console.
@@ -18,7 +24,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from docutils import nodes
+from sphinx import addnodes
 from sphinx.addnodes import pending_xref
 from sphinx.util.docutils import SphinxRole
 from sphinx.util.nodes import split_explicit_title
@@ -103,6 +112,48 @@ def _fix_page_scripts(app, pagename, templatename, context, doctree):
     context["script_files"] = unique
 
 
+# The two editions: the English at the site's root, the Chinese in its folder `zh/`.
+CHINESE_FOLDER = "zh"
+
+
+def _language_link(app, pagename, templatename, context, doctree):
+    """A link to this page in the other edition, at the top of the article and in the head."""
+    if "body" not in context:
+        return
+    chinese = (app.config.language or "en").startswith("zh")
+    up = "../" * pagename.count("/")
+    if chinese:
+        href, label, lang, name = f"{up}../{pagename}.html", "English", "en", "English edition"
+    else:
+        href, label, lang, name = f"{up}{CHINESE_FOLDER}/{pagename}.html", "中文", "zh-CN", "中文版"
+    context["body"] = (f'<p class="llmbook-language" style="text-align: right; margin: 0">'
+                       f'<a class="llmbook-language-link" href="{href}" hreflang="{lang}" lang="{lang}" '
+                       f'title="{name}">{label}</a></p>\n' + context["body"])
+    context["metatags"] = (context.get("metatags", "")
+                           + f'\n    <link rel="alternate" hreflang="{lang}" href="{href}" />')
+
+
+def _translate_toc_captions(app, doctree):
+    """The Chinese edition's part captions ("Foundations"...) from the root page's catalogue.
+
+    sphinx-external-toc inserts the toctrees after Sphinx has translated the page, so their
+    captions would stay English; gettext extracts them into the root page's catalogue.
+    """
+    if not app.config.language or app.config.language.startswith("en") or not app.config.locale_dirs:
+        return
+    from sphinx.locale import init as init_locale
+    from sphinx.util.i18n import docname_to_domain
+
+    dirs = [str(Path(app.srcdir, d)) for d in app.config.locale_dirs]
+    domain = docname_to_domain(app.env.docname, app.config.gettext_compact)
+    catalog, found = init_locale(dirs, app.config.language, domain)
+    if not found:
+        return
+    for toctree in doctree.findall(addnodes.toctree):
+        if toctree.get("caption"):
+            toctree["caption"] = toctree["rawcaption"] = catalog.gettext(toctree["caption"])
+
+
 def setup(app):
     app.add_role("chapter", ChapterRole())
     app.connect("env-purge-doc", _purge)
@@ -110,4 +161,6 @@ def setup(app):
     app.connect("env-get-outdated", _reread_role_users)
     # Late priority: run after the theme has added its page scripts.
     app.connect("html-page-context", _fix_page_scripts, priority=900)
+    app.connect("html-page-context", _language_link)
+    app.connect("doctree-read", _translate_toc_captions)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}

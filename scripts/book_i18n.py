@@ -124,7 +124,9 @@ def glossary_terms(path: Path = ROOT / "glossary.md") -> dict[str, str]:
 def term_pattern(term: str) -> re.Pattern:
     """The term and its variants as whole words (a plural -s or -es allowed), any case."""
     spellings = [term, *TERM_VARIANTS.get(term, [])]
-    alternatives = "|".join(re.escape(s) + r"(?:e?s)?" for s in sorted(spellings, key=len, reverse=True))
+    # British and American spellings alike: "optimisation" and "optimization".
+    alternatives = "|".join(re.escape(s).replace("isation", "i[sz]ation").replace("ization", "i[sz]ation")
+                            + r"(?:e?s)?" for s in sorted(spellings, key=len, reverse=True))
     return re.compile(rf"(?<![\w-])(?:{alternatives})(?![\w-])", re.I)
 
 
@@ -162,11 +164,18 @@ def extract(pot_dir: Path) -> list[str]:
         shutil.rmtree(pot_dir)
     # A fixed creation date in the .pot headers, so that `update` rewrites no catalogue
     # whose messages did not change.
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
     os.environ["SOURCE_DATE_EPOCH"] = "0"
-    code = build_sphinx_here(pot_dir, "gettext", pot_dir.parent / ".doctrees-gettext",
-                             {"gettext_compact": False, "gettext_uuid": False,
-                              "gettext_location": True, "gettext_last_translator": "",
-                              "version": "", "release": ""}, strict=False)
+    try:
+        code = build_sphinx_here(pot_dir, "gettext", pot_dir.parent / ".doctrees-gettext",
+                                 {"gettext_compact": False, "gettext_uuid": False,
+                                  "gettext_location": True, "gettext_last_translator": "",
+                                  "version": "", "release": ""}, strict=False)
+    finally:
+        if epoch is None:
+            del os.environ["SOURCE_DATE_EPOCH"]
+        else:
+            os.environ["SOURCE_DATE_EPOCH"] = epoch
     if code:
         raise SystemExit(f"the gettext build failed (exit {code})")
     return sorted(str(p.relative_to(pot_dir).with_suffix("")) for p in pot_dir.rglob("*.pot"))
@@ -280,10 +289,17 @@ def build(out: Path, locale: Path, pot_dir: Path) -> int:
               f"Chinese (in {locale}/{LANGUAGE}/LC_MESSAGES/<page>.po). After an edit of the English, "
               "run `python scripts/book_i18n.py update` and translate what it lists.", file=sys.stderr)
         return 1
+    # The search index cuts Chinese into words with jieba; the glossary's terms are words of
+    # its dictionary, so that 教师强制 is found as one word.
+    words = ROOT / "_build" / "zh-search-words.txt"
+    words.parent.mkdir(parents=True, exist_ok=True)
+    words.write_text("".join(f"{zh} 1000\n" for zh in sorted(set(glossary_terms().values()))
+                             if CJK.search(zh) and not re.search(r"\s", zh)), encoding="utf-8")
     return build_sphinx_here(out, "html", ROOT / "_build" / ".doctrees-zh",
                              {"language": LANGUAGE, "locale_dirs": [str(locale.resolve())],
                               "gettext_compact": False, "html_title": TITLE_ZH,
-                              "html_search_language": "zh"}, strict=True)
+                              "html_search_language": "zh", "html_search_options": {"dict": str(words)}},
+                             strict=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,12 @@ opens each one with a fresh profile, and the checks read the rendered DOM:
 - the navigation works: the sidebar lists every page of ``_toc.yml``, "next" walks them
   in order (one of them by a real click), and the offline search finds a chapter.
 
+All of it holds for both editions: the English at ``_build/html/`` and the Chinese at
+``_build/html/zh/`` (its pages are among the built pages; the chapter-structure checks look
+for the Chinese titles the catalogues give). Every page links to the same page in the
+other language (checked on every page, and followed by real clicks both ways), and a CJK
+font is installed for Chromium to draw the Chinese with.
+
 A screenshot of each page goes to ``_build/screenshots/`` (the top, the largest figure and
 the first displayed equation, and the whole page). Without Chromium or Playwright the
 test is skipped with the command that installs them. Chromium is driven by Playwright for
@@ -21,9 +27,11 @@ Python with ``executable_path``: Playwright's own browser downloads are never us
 from __future__ import annotations
 
 import functools
+import json
 import http.server
 import os
 import shutil
+import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -31,7 +39,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import polib
 import pytest
+import yaml
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -73,6 +83,21 @@ def built_pages() -> list[str]:
 
 PAGES = built_pages()
 CHAPTER_PAGES = [f"{f}.html" for f in toc_files() if f.startswith("chapters/")]
+# The editions' folders in the site: the English at its root, the Chinese in zh/.
+EDITIONS = ["", "zh/"]
+
+
+def chinese(page: str, english: str) -> str:
+    """The Chinese that the catalogue of `page` (e.g. "chapters/03_lora") gives an English message."""
+    po = polib.pofile(str(ROOT / "locale" / "zh_CN" / "LC_MESSAGES" / f"{page}.po"))
+    found = po.find(english)
+    assert found is not None and found.msgstr, f"{page}.po has no Chinese for {english!r}"
+    return found.msgstr
+
+
+def in_edition(edition: str, page: str, english: str) -> str:
+    """A title as the page in `edition` shows it."""
+    return chinese(page.removesuffix(".html"), english) if edition else english
 
 
 # ---------------------------------------------------------------------------- serving
@@ -166,6 +191,8 @@ class PageReport:
     next_link: str | None = None
     mathjax_version: str | None = None
     goals_first: bool = False
+    language_link: str | None = None
+    lang: str = ""
 
 
 # For each dropdown admonition in the page: whether any of its body (all but the title) is visible.
@@ -229,14 +256,21 @@ PAGE_JS = """() => ({
   sidebar: [...document.querySelectorAll('nav.bd-docs-nav a[href], .navbar-brand[href]')].map(a => a.href),
   next: (document.querySelector('a.right-next') || {}).href || null,
   mathjax: window.MathJax && window.MathJax.version || null,
-  // The learning goals (an admonition) come before the first section.
+  language_link: (document.querySelector('a.llmbook-language-link') || {}).href || null,
+  lang: document.documentElement.lang,
+  // The learning goals (an admonition, titled in the page's language) come before the first section.
   goals_first: (() => {
+    const title = document.documentElement.lang.startsWith('zh') ? GOALS_ZH : 'Learning goals';
     const goals = [...document.querySelectorAll('article .admonition')]
-      .find(a => a.textContent.includes('Learning goals'));
+      .find(a => a.querySelector('.admonition-title')?.textContent.includes(title));
     const section = document.querySelector('article h2');
     return !!goals && (!section || !!(goals.compareDocumentPosition(section) & Node.DOCUMENT_POSITION_FOLLOWING));
   })(),
 })"""
+
+
+# The Chinese title of the learning-goals admonition (every chapter gives the same).
+GOALS_ZH = chinese("chapters/01_teacher_forcing", "Learning goals")
 
 
 def slug(page: str) -> str:
@@ -279,13 +313,14 @@ def read_page(context, origin: str, statuses: list, blocked: list, page: str) ->
         tab.evaluate("() => { window.scrollTo(0, 0); document.activeElement && document.activeElement.blur(); }")
         tab.screenshot(path=SHOTS / f"{slug(page)}-full.png", full_page=True)
         tab.wait_for_load_state("networkidle")
-        data = tab.evaluate(PAGE_JS)
+        data = tab.evaluate(PAGE_JS.replace("GOALS_ZH", json.dumps(GOALS_ZH)))
     finally:
         tab.close()
     report.links, report.ids = data["links"], set(data["ids"])
     report.headings, report.sidebar = data["headings"], data["sidebar"]
     report.next_link, report.mathjax_version = data["next"], data["mathjax"] or report.mathjax_version
     report.goals_first = data["goals_first"]
+    report.language_link, report.lang = data["language_link"], data["lang"]
     report.foreign_requests = [u for u in requests if not u.startswith(origin + "/") and not u.startswith("data:")]
     report.foreign_requests += [u for u in blocked[first_blocked:] if u not in report.foreign_requests]
     report.failed_local = [f"{status} {path}" for path, status in statuses[first_status:] if status >= 400]
@@ -350,11 +385,63 @@ def link_problem(link: str, origin: str, reader) -> str | None:
 # ---------------------------------------------------------------------------- the tests
 
 
-def test_the_book_is_built_with_every_toc_page():
+@pytest.mark.parametrize("edition", EDITIONS)
+def test_the_book_is_built_with_every_toc_page(edition):
     if not PAGES:
         pytest.skip("the book is not built: run `make book` first (`make test` does)")
-    missing = [f for f in toc_files() if f"{f}.html" not in PAGES]
-    assert not missing, f"listed in _toc.yml but not built: {missing}"
+    missing = [f for f in toc_files() if f"{edition}{f}.html" not in PAGES]
+    assert not missing, f"listed in _toc.yml but not built in {edition or 'the English edition'}: {missing}"
+
+
+def counterpart(page: str) -> str:
+    """The same page in the other edition."""
+    return page.removeprefix("zh/") if page.startswith("zh/") else f"zh/{page}"
+
+
+@pytest.mark.parametrize("page", [f"{edition}{f}.html" for edition in EDITIONS for f in toc_files()])
+def test_every_page_links_to_itself_in_the_other_language(reader, page):
+    if page not in PAGES:
+        pytest.skip(f"{page} is not built")
+    report = reader(page)
+    assert report.lang == ("zh-CN" if page.startswith("zh/") else "en"), report.lang
+    assert report.language_link, "no link to the other language"
+    assert urlsplit(report.language_link).path.lstrip("/") == counterpart(page)
+    assert counterpart(page) in PAGES
+
+
+def test_the_language_links_work_by_real_clicks(reader):
+    """From an English chapter to its Chinese page and back, by clicking the links a reader sees."""
+    page = CHAPTER_PAGES[0]
+    if counterpart(page) not in PAGES:
+        pytest.skip("no Chinese edition built")
+    tab = reader.context.new_page()
+    try:
+        tab.goto(f"{reader.origin}/{page}", wait_until="load")
+        tab.click("a.llmbook-language-link")
+        tab.wait_for_url(f"{reader.origin}/{counterpart(page)}")
+        heading = tab.locator("article h1").first.inner_text()
+        assert tab.evaluate("document.documentElement.lang") == "zh-CN"
+        assert heading.strip() == in_edition("zh/", "chapters/01_teacher_forcing",
+                                              "1. Teacher forcing: what the model sees in training and in "
+                                              "inference").replace("\\.", ".").strip() + "#" * heading.count("#")
+        # The sidebar's part captions are Chinese too (the toc's captions, from the root page's catalogue).
+        captions = [part["caption"] for part in yaml.safe_load((ROOT / "_toc.yml").read_text())["parts"]]
+        shown = tab.locator("nav.bd-docs-nav .caption-text").all_inner_texts()
+        assert shown == [chinese("intro", c) for c in captions], shown
+        tab.screenshot(path=SHOTS / "language-switch-zh.png")
+        tab.click("a.llmbook-language-link")
+        tab.wait_for_url(f"{reader.origin}/{page}")
+        assert tab.evaluate("document.documentElement.lang") == "en"
+    finally:
+        tab.close()
+
+
+def test_a_cjk_font_is_installed_for_the_chinese_edition():
+    if find_chromium() is None:
+        pytest.skip(INSTALL_CHROMIUM)
+    fonts = subprocess.run(["fc-list", ":lang=zh", "family"], capture_output=True, text=True).stdout
+    assert fonts.strip(), ("no font with Chinese glyphs: the Chinese pages would show boxes. Install one "
+                           "(Debian/Ubuntu: `sudo apt-get install fonts-noto-cjk`; .ci/run does this in CI)")
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -390,9 +477,12 @@ def test_every_internal_link_resolves(reader, page):
     assert not problems, "broken internal links:\n" + "\n".join(problems)
 
 
-def test_navigation_follows_the_toc(reader):
+@pytest.mark.parametrize("edition", EDITIONS)
+def test_navigation_follows_the_toc(reader, edition):
     """The sidebar lists every toc page; "next" from the landing page walks them all in order."""
-    pages = [f"{f}.html" for f in toc_files()]
+    pages = [f"{edition}{f}.html" for f in toc_files()]
+    if pages[0] not in PAGES:
+        pytest.skip(f"{pages[0]} is not built")
     root = reader(pages[0])
     listed = {urlsplit(href).path.lstrip("/") for href in root.sidebar}
     assert set(pages) <= listed, f"missing from the sidebar: {sorted(set(pages) - listed)}"
@@ -420,29 +510,31 @@ def test_a_real_click_on_next_opens_the_next_page(reader):
         tab.close()
 
 
-def test_the_offline_search_finds_a_chapter(reader):
-    if "search.html" not in PAGES:
+@pytest.mark.parametrize("edition, query", [("", "teacher+forcing"), ("zh/", "教师强制")])
+def test_the_offline_search_finds_a_chapter(reader, edition, query):
+    if f"{edition}search.html" not in PAGES:
         pytest.skip("no search page in this build")
     tab = reader.context.new_page()
     try:
-        tab.goto(f"{reader.origin}/search.html?q=teacher+forcing", wait_until="load")
+        tab.goto(f"{reader.origin}/{edition}search.html?q={query}", wait_until="load")
         results = tab.locator("#search-results ul.search li")
         results.first.wait_for(timeout=20_000)
-        tab.screenshot(path=SHOTS / "search-results.png")
+        tab.screenshot(path=SHOTS / f"{slug(edition + 'search')}-results.png")
         hrefs = [a.get_attribute("href") for a in tab.locator("#search-results ul.search li a").all()]
-        assert any(h and h.startswith("chapters/") for h in hrefs), hrefs
+        assert any(h and h.startswith("chapters/01_teacher_forcing") for h in hrefs), hrefs
     finally:
         tab.close()
 
 
+@pytest.mark.parametrize("edition", EDITIONS)
 @pytest.mark.parametrize("page", CHAPTER_PAGES)
-def test_chapter_reads_like_a_chapter(reader, page):
+def test_chapter_reads_like_a_chapter(reader, page, edition):
     """Learning goals at the top, a summary, exercises, and solutions folded away."""
-    if page not in PAGES:
-        pytest.skip(f"{page} is not built")
-    report = reader(page)
+    if edition + page not in PAGES:
+        pytest.skip(f"{edition + page} is not built")
+    report = reader(edition + page)
     assert report.goals_first, "a 'Learning goals' admonition comes before the first section"
-    for section in ("Summary", "Exercises"):
+    for section in (in_edition(edition, page, "Summary"), in_edition(edition, page, "Exercises")):
         assert any(h.startswith(section) for h in report.headings), f"no '{section}' section: {report.headings}"
     assert report.folded > 0 and report.folded_open == 0, "solutions are folded until the reader opens them"
     assert report.dropdowns >= 3 and report.dropdowns_open == 0, \
@@ -450,12 +542,14 @@ def test_chapter_reads_like_a_chapter(reader, page):
     assert any(img["ok"] and img["width"] > 100 for img in report.images), "a chapter shows a figure"
 
 
+@pytest.mark.parametrize("edition", EDITIONS)
 @pytest.mark.parametrize("page", ["intro.html", "glossary.html"])
-def test_every_chapter_is_linked_from_the_map_and_the_glossary(reader, page):
+def test_every_chapter_is_linked_from_the_map_and_the_glossary(reader, page, edition):
+    page = edition + page
     if page not in PAGES:
         pytest.skip(f"{page} is not in _toc.yml")
     linked = {urlsplit(href).path.lstrip("/") for href in reader(page).links}
-    chapters = [p for p in CHAPTER_PAGES if p in PAGES]
+    chapters = [edition + p for p in CHAPTER_PAGES if edition + p in PAGES]
     missing = [p for p in chapters if p not in linked]
     assert not missing, (f"{page} links no page of {missing}: check that its {{chapter}} roles name "
                          "these files as _toc.yml does")
@@ -485,7 +579,7 @@ def test_the_slider_chapters_save_their_sliders():
         assert "SelectionSliderModel" in html and "LinkModel" in html, f"{page} has no linked sliders saved"
 
 
-@pytest.mark.parametrize("page", SLIDER_CHAPTERS)
+@pytest.mark.parametrize("page", [edition + p for edition in EDITIONS for p in SLIDER_CHAPTERS])
 def test_moving_a_slider_changes_its_figure_without_a_kernel(reader, page):
     """On the served page (every other host blocked), each slider, moved by the keyboard, shows another frame."""
     if page not in PAGES:
