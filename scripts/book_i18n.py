@@ -13,7 +13,8 @@ translation and keeps code, outputs and figures of the same executed notebooks.
 its old Chinese marked *fuzzy*, a new one gets none. ``check`` (and so ``build``, and so
 ``make book``) fails on both, naming the page, the line and the English, so that an edit
 of the English cannot land without its Chinese. It also fails when a translation loses or
-changes a math span, a code span, a number, a link or a role's target, when it leaves a
+changes a math span, a code span, a number, a link or a role's target, when its bold and
+italics differ from the English's (a ``**`` beside Chinese punctuation may not close), when it leaves a
 glossary term out of its glossary Chinese, and when it has no Chinese at all without the
 translator comment ``same in Chinese`` (a name, an English term in the glossary's own
 column). Messages with nothing to translate (numbers, code, math, text already Chinese)
@@ -74,6 +75,17 @@ def kept_spans(text: str) -> dict[str, list[str]]:
     rest, spans = strip_spans(text)
     spans["number"] = [n.replace("−", "-") for n in NUMBER.findall(rest)]
     return {kind: sorted(values) for kind, values in spans.items()}
+
+
+def emphasis(text: str) -> dict[str, int]:
+    """How many bold and italic spans Markdown (markdown-it, MyST's parser) reads in `text`."""
+    from markdown_it import MarkdownIt
+
+    counts = {"bold": 0, "italic": 0}
+    for token in MarkdownIt("commonmark").parseInline(text)[0].children or []:
+        if token.type in ("strong_open", "em_open"):
+            counts["bold" if token.type == "strong_open" else "italic"] += 1
+    return counts
 
 
 def nothing_to_translate(msgid: str) -> bool:
@@ -222,6 +234,9 @@ def check_entry(entry: polib.POEntry, terms: dict[str, tuple[str, re.Pattern]]) 
     if not CJK.search(entry.msgstr) and SAME not in (entry.tcomment or ""):
         problems.append(f"no Chinese in the translation (a name or term kept as it is needs the "
                         f"translator comment '# {SAME}')")
+    if emphasis(entry.msgid) != emphasis(entry.msgstr):
+        problems.append(f"bold/italic differ (English {emphasis(entry.msgid)}, Chinese {emphasis(entry.msgstr)}): "
+                        "a ** or * next to Chinese punctuation may not open or close")
     want, got = kept_spans(entry.msgid), kept_spans(entry.msgstr)
     for kind in want:
         if want[kind] != got[kind]:

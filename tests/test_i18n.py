@@ -199,3 +199,11 @@ def test_an_english_edit_without_its_chinese_stops_the_build(tmp_path):
     po = polib.pofile(str(book_i18n.po_path("glossary", book / "locale")))
     edited = next(e for e in po if "Cmd+F" in e.msgid)
     assert "fuzzy" in edited.flags and book_i18n.CJK.search(edited.msgstr)
+
+
+def test_bold_that_chinese_punctuation_keeps_from_closing_is_named():
+    # CommonMark does not close ** after a full-width parenthesis when a letter follows.
+    english = "Add knowledge in **continued pre-training (CPT)**, then SFT."
+    assert book_i18n.check_entry(entry(english, "在**继续预训练**（CPT）中加入知识，再做 SFT。"), {}) == []
+    broken = book_i18n.check_entry(entry(english, "在**继续预训练（CPT）**中加入知识，再做 SFT。"), {})
+    assert len(broken) == 1 and broken[0].startswith("bold/italic differ"), broken
