@@ -478,6 +478,13 @@ BAD = [
     ("group-no-unknown", lambda c: losses.sft_loss_by_group(c.tiny, {"labels": c.labels}), ValueError,
      "batch needs an 'unknown' entry"),
     ("QACollator-empty", lambda c: data.QACollator(c.tok)([]), ValueError, "rows is empty"),
+    ("CompletionCollator-empty", lambda c: data.CompletionCollator(c.tok)([]), ValueError, "rows is empty"),
+    ("CompletionCollator-one-dict", lambda c: data.CompletionCollator(c.tok)({"prompt": "2 + 3 =", "answer": "5"}),
+     TypeError, "rows must be a list of dicts with 'prompt', 'answer', got a dict"),
+    ("CompletionCollator-no-answer", lambda c: data.CompletionCollator(c.tok)([{"prompt": "2 + 3 ="}]), ValueError,
+     r"rows\[0\] needs 'prompt' and 'answer'; missing \['answer'\]"),
+    ("CompletionCollator-end-not-str", lambda c: data.CompletionCollator(c.tok, end=10), TypeError,
+     "end must be a string"),
     ("QACollator-one-dict", lambda c: data.QACollator(c.tok)({"question": "Hi?", "response": "Hello."}), TypeError,
      "rows must be a list of dicts with 'question', 'response', got a dict"),
     # --- utils and plots (outside the numeric policy)

@@ -111,6 +111,36 @@ def test_qa_collator_trains_only_the_answer(tokenizer):
         data.QACollator(tokenizer)([dict(rows[0], stem="Osaka is in")])
 
 
+def test_completion_collator_scores_only_the_answer(tokenizer):
+    rows = [{"prompt": "2 + 3 = 5\n4 + 4 =", "answer": "8"}, {"prompt": "7 x 6 =", "answer": "42"}]
+    for end in ("", "\n"):
+        batch = data.CompletionCollator(tokenizer, end=end)(rows)
+        for i, r in enumerate(rows):
+            # The tokenizer's own encoding of the whole text, then padding.
+            full = tokenizer(f"{r['prompt']} {r['answer']}{end}", add_special_tokens=False).input_ids
+            n = len(full)
+            assert batch["input_ids"][i, :n].tolist() == full
+            assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+            kept = batch["labels"][i][batch["labels"][i] != data.IGNORE_INDEX]
+            assert tokenizer.decode(kept) == f" {r['answer']}{end}"
+            prompt_len = len(tokenizer(r["prompt"], add_special_tokens=False).input_ids)
+            assert (batch["labels"][i, :prompt_len] == data.IGNORE_INDEX).all()
+
+
+def test_completion_collator_refuses_a_prompt_whose_tokens_change():
+    class Merging:
+        """A tokenizer that writes a trailing "=" and a following " 5" as one token."""
+
+        pad_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            words = text.replace("= ", "=_").split()
+            return type("Encoding", (), {"input_ids": [len(w) for w in words]})()
+
+    with pytest.raises(ValueError, match=r"rows\[0\]: appending the answer changed the prompt's tokens"):
+        data.CompletionCollator(Merging())([{"prompt": "1 + 4 =", "answer": "5"}])
+
+
 def test_write_jsonl_gives_the_permissions_open_gives(tmp_path):
     import os
 

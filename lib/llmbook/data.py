@@ -31,6 +31,7 @@ IGNORE_INDEX = -100
 
 __all__ = [
     "IGNORE_INDEX",
+    "CompletionCollator",
     "PreferenceCollator",
     "QACollator",
     "SFTCollator",
@@ -272,6 +273,47 @@ class PreferenceCollator:
             batch[f"{side}_attention_mask"] = pad([[1] * len(e["input_ids"]) for e in encoded], 0, length)
             batch[f"{side}_labels"] = pad([e["labels"] for e in encoded], IGNORE_INDEX, length)
         return batch
+
+
+class CompletionCollator:
+    """Turn ``{"prompt", "answer"}`` rows of plain text into a batch that scores the answer only.
+
+    No chat template: the text is ``prompt + " " + answer + end`` (a few-shot prompt and its
+    continuation, as chapters 7 and 8 score and train sums), and every token of the prompt
+    gets the label -100. ``end`` (say ``"\n"``, where the answer's line ends) is scored with
+    the answer. Returns ``input_ids``, ``attention_mask`` and ``labels``, right-padded.
+
+    Raises:
+        ValueError: if a prompt's tokens change when its answer is appended (the prompt's
+            last token would merge with the answer's first: the mask would cut a token).
+    """
+
+    def __init__(self, tokenizer, *, end: str = ""):
+        if not isinstance(end, str):
+            raise TypeError(f"end must be a string (such as '' or '\\n'), got {type(end).__name__}")
+        self.tokenizer, self.end = tokenizer, end
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        _check_examples(rows, ("prompt", "answer"), name="rows")
+        ids, labels = [], []
+        for i, r in enumerate(rows):
+            missing = {"prompt", "answer"} - set(r)
+            if missing:
+                raise ValueError(f"rows[{i}] needs 'prompt' and 'answer'; missing {sorted(missing)}")
+            prompt = self.tokenizer(r["prompt"], add_special_tokens=False).input_ids
+            full = self.tokenizer(f"{r['prompt']} {r['answer']}{self.end}", add_special_tokens=False).input_ids
+            if full[: len(prompt)] != prompt:
+                raise ValueError(f"rows[{i}]: appending the answer changed the prompt's tokens "
+                                 f"(does the prompt end with a space?); cannot mask the prompt")
+            if len(full) == len(prompt):
+                raise ValueError(f"rows[{i}] has no answer token to score (answer {r['answer']!r})")
+            ids.append(full)
+            labels.append([IGNORE_INDEX] * len(prompt) + full[len(prompt):])
+        return {
+            "input_ids": pad(ids, _pad_id(self.tokenizer)),
+            "attention_mask": pad([[1] * len(x) for x in ids], 0),
+            "labels": pad(labels, IGNORE_INDEX),
+        }
 
 
 class QACollator:

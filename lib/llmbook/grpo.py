@@ -271,7 +271,7 @@ def rollout(
     check_tensor(prompt_ids, "prompt_ids")
     if prompt_mask is None:
         prompt_mask = torch.ones_like(prompt_ids)
-    layers, hook, recorded = None, None, []
+    hook, recorded = None, []
     if top_layers is not None:
         layers, k = _decoder_layers(model, top_layers)
 
@@ -291,16 +291,11 @@ def rollout(
     device = sequences.device
     P = prompt_ids.shape[1]
     completion_ids = sequences[:, P:]
-    if eos_token_id is None:
-        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    ended = torch.isin(completion_ids, torch.tensor(eos, dtype=torch.long, device=device))
-    after_end = (ended.long().cumsum(1) - ended.long()) > 0  # positions past a row's first end token
     batch = {
         "prompt_ids": prompt_ids.to(device).repeat_interleave(G, dim=0),
         "prompt_mask": prompt_mask.to(device).repeat_interleave(G, dim=0),
         "completion_ids": completion_ids,
-        "completion_mask": (~after_end).long(),
+        "completion_mask": sampling._through_first_end(completion_ids, sampling._end_ids(model, eos_token_id)),
         "sampling_logps": logps,
     }
     if top_layers is not None:  # the prompt pass (B rows), then one position per decoding step (N rows)

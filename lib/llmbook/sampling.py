@@ -310,6 +310,21 @@ def _token_ids(value, name: str, maximum: int | None = None, hint: str = "") -> 
     return [check_int(v, name, minimum=0, maximum=maximum, hint=hint) for v in value]
 
 
+def _end_ids(model, eos_token_id) -> list[int]:
+    """The end tokens ``generate`` stops at: ``eos_token_id``, else the model's generation config's."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    config = getattr(model, "generation_config", None)
+    return _token_ids(eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None),
+                      "eos_token_id", maximum=None if vocab is None else vocab - 1,
+                      hint="" if vocab is None else f"(a token of the model's vocabulary of {vocab})")
+
+
+def _through_first_end(tokens: torch.Tensor, end_ids: list[int]) -> torch.Tensor:
+    """1 at each row's tokens up to and including its first end token, 0 after it, shape of ``tokens``."""
+    ended = torch.isin(tokens, torch.tensor(end_ids, dtype=torch.long, device=tokens.device)).long()
+    return ((ended.cumsum(1) - ended) == 0).long()  # no end token before this position
+
+
 def _check_attention_mask(mask, shape: torch.Size) -> None:
     """A left-padded 0/1 mask of ``input_ids``' shape, with a token in every row."""
     check_tensor(mask, "attention_mask")
@@ -439,8 +454,7 @@ def generate(
     config = getattr(model, "generation_config", None)
     top_id = None if vocab is None else vocab - 1
     in_vocab = "" if vocab is None else f"(a token of the model's vocabulary of {vocab})"
-    eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None),
-                     "eos_token_id", maximum=top_id, hint=in_vocab)
+    eos = _end_ids(model, eos_token_id)
     suppress = _token_ids(suppress_tokens, "suppress_tokens", maximum=top_id, hint=in_vocab)
     if pad_token_id is None:
         pad_token_id = getattr(config, "pad_token_id", None)
@@ -619,7 +633,7 @@ def generate_answers(
             new = out[:, ids.shape[1]:]  # (rows, n)
             ended = torch.isin(new, torch.tensor(stop, device=new.device))  # (rows, n)
             # an answer's tokens run up to and including its first end token
-            lengths = torch.where(ended.any(1), ended.long().argmax(1) + 1, new.shape[1]).tolist()
+            lengths = _through_first_end(new, stop).sum(1).tolist()
             decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
             decoded = [t.strip() for t in decoded] if strip else decoded
             for row in range(0, new.shape[0], copies):
