@@ -271,6 +271,10 @@ def term_patterns() -> dict[str, tuple[str, re.Pattern]]:
 
 def check(pot_dir: Path, locale: Path, pages: list[str] | None = None) -> list[Problem]:
     """Every message of every page translated, not fuzzy, spans kept, glossary terms used."""
+    known = sorted(str(p.relative_to(pot_dir).with_suffix("")) for p in pot_dir.rglob("*.pot"))
+    unknown = sorted(set(pages or []) - set(known))
+    if unknown:
+        raise ValueError(f"--page {unknown[0]!r} is not a page of the book; the pages are: {', '.join(known)}")
     terms = term_patterns()
     problems = []
     for pot_file in sorted(pot_dir.rglob("*.pot")):
@@ -338,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         update(pot_dir, args.locale)
         return 0
     if args.command == "check":
-        problems = check(pot_dir, args.locale, args.page)
+        try:
+            problems = check(pot_dir, args.locale, args.page)
+        except ValueError as error:
+            parser.error(str(error))
         for problem in problems:
             print(problem)
         print(f"{len(problems)} problem(s)")

@@ -137,6 +137,12 @@ def test_every_page_of_the_book_has_a_catalogue(pots):
     assert not missing, f"pages without a catalogue: {missing}"
 
 
+def test_checking_a_page_that_does_not_exist_is_an_error(pots):
+    with pytest.raises(ValueError, match=r"--page 'chapters/03_lorra' is not a page of the book; the pages are: "
+                                         r"chapters/01_teacher_forcing, "):
+        book_i18n.check(pots, ROOT / "locale", ["chapters/03_lorra"])
+
+
 def test_the_chinese_edition_is_complete_and_faithful(pots):
     """Every message translated, none fuzzy, math/code/numbers kept, glossary terms used."""
     problems = book_i18n.check(pots, ROOT / "locale")
