@@ -1,5 +1,7 @@
 """llmbook.grpo against closed forms, torch, and TRL's GRPOTrainer loss on an identical batch."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -168,6 +170,29 @@ def test_compute_loss_is_grpo_loss_of_the_batch_with_its_metrics():
     assert metrics["kl"] == pytest.approx(want_metrics["kl"]) and metrics["kl"] > 0
     assert metrics["reward"] == 0.5
     assert metrics["completion_length"] == batch["completion_mask"].float().sum(1).mean().item()
+
+
+def test_compute_loss_logs_trls_entropy_and_the_share_of_groups_without_signal():
+    from trl.trainer.utils import entropy_from_logits
+
+    model, batch = tiny(), a_batch()
+    batch["advantages"] = torch.zeros(4)
+    batch["rewards"] = torch.tensor([1.0, 1.0, 0.0, 1.0])  # two groups of 2: one agrees, one does not
+    _, metrics = grpo.compute_loss(model, batch, num_generations=2)
+    assert metrics["frac_reward_zero_std"] == 0.5
+    _, metrics4 = grpo.compute_loss(model, batch, num_generations=4)
+    assert metrics4["frac_reward_zero_std"] == 0.0
+    # TRL's entropy of the full logits at the positions that predict a completion token
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    P = batch["prompt_ids"].shape[1]
+    entropy = entropy_from_logits(logits[:, P - 1:-1])  # (B, C)
+    want = entropy[batch["completion_mask"].bool()].mean().item()
+    assert metrics["entropy"] == pytest.approx(want, rel=1e-5) and 0 < want < math.log(128)
+    with pytest.raises(ValueError, match="num_generations"):
+        grpo.compute_loss(model, batch, num_generations=3)
 
 
 def trl_loss(batch, per_token_logps_inputs, loss_type, beta, tokenizer, tmp_path):

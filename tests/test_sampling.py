@@ -462,3 +462,96 @@ def test_left_pad_and_position_ids():
     ids, mask = left_pad([[5, 6, 7], [8]], 0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert position_ids(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+# --- answer_probability: exact, against transformers' warpers and against sampling -------------------
+
+def _answer_batch(prompt_len=5, answer_len=3, rows=3, seed=0, vocab=128):
+    """Rows of prompt + answer with the answer labelled; left padding on row 1 (2 pads)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, prompt_len + answer_len), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0
+    labels = torch.full_like(ids, -100)
+    labels[:, prompt_len:] = ids[:, prompt_len:]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _reference_probability(model, batch, warpers):
+    """prod_t softmax(warpers(logits_t))[y_t], with transformers' warpers on the full logits."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    out = []
+    for b in range(logits.shape[0]):
+        total = 0.0
+        for t in range(logits.shape[1] - 1):
+            y = batch["labels"][b, t + 1]
+            if y == -100:
+                continue
+            scores = logits[b, t][None].float()
+            for warp in warpers:
+                scores = warp(batch["input_ids"][b, : t + 1][None], scores)
+            total += torch.log_softmax(scores, -1)[0, y].item()
+        out.append(math.exp(total))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, 1.0), (0.7, None, 1.0), (1.3, 20, 0.9),
+                                                       (0.5, None, 0.8)])
+def test_answer_probability_equals_transformers_warpers(tiny, temperature, top_k, top_p):
+    from llmbook.sampling import answer_probability
+
+    batch = _answer_batch()
+    # make one answer the likeliest continuation, so that the filters keep its tokens
+    greedy = hf_generate(tiny, batch["input_ids"][:1, :5], 3, 0.0, 1.0, None, pad_token_id=2)
+    batch["input_ids"][0, 5:] = batch["labels"][0, 5:] = greedy[0, 5:]
+    warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    ours = answer_probability(tiny, batch, temperature=temperature, top_k=top_k, top_p=top_p)
+    ref = _reference_probability(tiny, batch, warpers)
+    torch.testing.assert_close(ours, ref, **tolerance(torch.float32, "model"))
+    assert ours[0] > 0  # the greedy answer survives every filter
+    if top_p < 1.0 or top_k:
+        assert (ref[1:] == 0).all() == (ours[1:] == 0).all()  # filtered tokens: probability 0 in both
+
+
+def test_answer_probability_at_temperature_zero_is_greedy_decodings_verdict(tiny):
+    from llmbook.sampling import answer_probability
+
+    batch = _answer_batch(rows=2)
+    batch["attention_mask"][:] = 1
+    greedy = hf_generate(tiny, batch["input_ids"][:, :5], 3, 0.0, 1.0, None, pad_token_id=2)
+    batch["input_ids"][0, 5:] = batch["labels"][0, 5:] = greedy[0, 5:]
+    batch["input_ids"][1, 5:] = batch["labels"][1, 5:] = greedy[1, 5:]
+    batch["input_ids"][1, 7] = batch["labels"][1, 7] = (greedy[1, 7] + 1) % 128  # last token not greedy's
+    assert answer_probability(tiny, batch, temperature=0.0).tolist() == [1.0, 0.0]
+
+
+def test_answer_probability_of_a_list_of_temperatures_equals_one_call_each(tiny):
+    from llmbook.sampling import answer_probability
+
+    batch = _answer_batch()
+    sweep = answer_probability(tiny, batch, temperature=[0.5, 1.0, 2.0], top_p=0.95)
+    assert sweep.shape == (3, 3)
+    for row, T in zip(sweep, [0.5, 1.0, 2.0]):
+        assert torch.equal(row, answer_probability(tiny, batch, temperature=T, top_p=0.95))
+
+
+def test_answer_probability_is_the_frequency_at_which_generate_writes_the_answer(tiny):
+    from llmbook.sampling import answer_probability
+
+    prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    n, settings = 4000, dict(temperature=0.6, top_k=8, top_p=0.9)
+    samples = generate(tiny, prompt.expand(n, -1), max_new_tokens=2, eos_token_id=[],
+                       generator=torch.Generator().manual_seed(0), **settings)[:, 6:]
+    answers, counts = samples.unique(dim=0, return_counts=True)
+    top = counts.argsort(descending=True)[:4]  # the four most frequent two-token answers
+    ids = torch.cat([prompt.expand(len(top), -1), answers[top]], dim=1)
+    labels = torch.full_like(ids, -100)
+    labels[:, 6:] = ids[:, 6:]
+    p = answer_probability(tiny, {"input_ids": ids, "labels": labels}, **settings)
+    freq = counts[top] / n
+    se = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() < 4 * se).all(), (freq, p)
+    assert p.sum() > 0.2  # the check compares answers the sampler really writes often

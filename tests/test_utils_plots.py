@@ -250,3 +250,80 @@ def test_singular_spectra_and_token_losses_draw_what_they_are_given():
     plt.close(fig)
     with pytest.raises(ValueError, match="one entry per token"):
         plots.token_losses(ax, [1.0], [True, False], ["a"])
+
+
+# --- counting work ------------------------------------------------------------------------
+
+def test_count_flops_is_2mnk_per_product_and_counts_the_backward_pass():
+    a = torch.randn(3, 5, requires_grad=True)
+    b = torch.randn(5, 7, requires_grad=True)
+    assert utils.count_flops(lambda: a @ b) == 2 * 3 * 5 * 7
+    # backward: dA = dC B^T and dB = A^T dC, two products of the same size
+    assert utils.count_flops(lambda: (a @ b).sum().backward()) == 3 * 2 * 3 * 5 * 7
+    assert utils.count_flops(lambda: torch.softmax(a, -1)) == 0  # elementwise work is not counted
+
+
+def test_count_flops_equals_pytorchs_flop_counter_on_a_model():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from llmbook.models import tiny_model
+
+    model = tiny_model()
+    model.set_attn_implementation("eager")  # attention as plain matrix products, in PyTorch's table
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with FlopCounterMode(display=False) as reference:
+        model(ids).logits.sum().backward()
+    assert utils.count_flops(lambda: model(ids).logits.sum().backward()) == reference.get_total_flops() > 0
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_count_flops_counts_cpu_attention_as_its_two_products(kv_heads):
+    # PyTorch's table has no entry for its CPU attention kernel; ours counts Q K^T and P V,
+    # as PyTorch counts the same products written out (grouped heads repeat their keys).
+    b, h, s_q, s_k, d = 2, 4, 5, 7, 8
+    q = torch.randn(b, h, s_q, d, requires_grad=True)
+    k = torch.randn(b, kv_heads, s_k, d, requires_grad=True)
+    v = torch.randn(b, kv_heads, s_k, d, requires_grad=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def written_out():
+        rep = h // kv_heads
+        scores = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) / d**0.5
+        return torch.softmax(scores, -1) @ v.repeat_interleave(rep, 1)
+
+    fused = utils.count_flops(lambda: sdpa(q, k, v, enable_gqa=True))
+    assert fused == utils.count_flops(written_out) == 2 * 2 * b * h * s_q * s_k * d
+    backward = utils.count_flops(lambda: sdpa(q, k, v, enable_gqa=True).sum().backward())
+    assert backward == 3 * fused
+
+
+def test_count_calls_counts_forward_calls_inside_the_block_only():
+    layer = torch.nn.Linear(2, 2)
+    layer(torch.ones(1, 2))
+    with utils.count_calls(layer) as calls:
+        for _ in range(3):
+            layer(torch.ones(1, 2))
+    layer(torch.ones(1, 2))
+    assert calls.n == 3 and not layer._forward_pre_hooks
+
+
+# --- the bootstrap over seeds and questions ------------------------------------------------
+
+def test_paired_bootstrap_over_seeds_carries_the_spread_between_seeds():
+    # Each seed's difference is the same on every question: resampling questions changes
+    # nothing, so the interval comes from the seeds alone. The mean of 3 seeds drawn with
+    # replacement is the smallest seed's value with probability 1/27 > 2.5 %, so the 95 %
+    # interval runs exactly from the smallest seed's value to the largest's.
+    per_seed = torch.tensor([0.10, -0.05, 0.02], dtype=torch.float64)
+    a = per_seed[:, None].expand(3, 40) + 0.5
+    b = torch.full((3, 40), 0.5, dtype=torch.float64)
+    mean, low, high = utils.paired_bootstrap(a, b, seeds=True, resamples=20_000)
+    assert mean == pytest.approx(per_seed.mean().item())
+    assert low == pytest.approx(-0.05) and high == pytest.approx(0.10)
+    # resampling questions only, the same data give an interval of zero width
+    assert utils.paired_bootstrap(a, b) == pytest.approx((mean, mean, mean))
+
+
+def test_paired_bootstrap_over_seeds_needs_seeds():
+    with pytest.raises(ValueError, match="needs at least 2"):
+        utils.paired_bootstrap(torch.ones(1, 5), torch.zeros(1, 5), seeds=True)

@@ -113,6 +113,17 @@ def completion_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) 
                          f"{tuple(completion_mask.shape)}")
     if not completion_mask.bool().any():
         raise ValueError("completion_mask is 0 everywhere: there is no completion token to score")
+    logps, _ = losses.answer_logps(model, _scored_inputs(batch))
+    C = completion_ids.shape[1]
+    out = logps.new_zeros(prompt_ids.shape[0], C)  # answer_logps covers the columns from the first scored one on
+    out[:, C - logps.shape[1]:] = logps
+    return out
+
+
+def _scored_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Prompt and completion as one sequence, the completion's tokens labelled (checked by the caller)."""
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     labels = ids.masked_fill(mask == 0, losses.IGNORE_INDEX)
@@ -124,11 +135,7 @@ def completion_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) 
             raise ValueError(f"inputs_embeds must have shape (B, P + C, H) = {tuple(ids.shape)} + (H,), "
                              f"got {tuple(embeds.shape)}")
         inputs = {"inputs_embeds": embeds}
-    logps, _ = losses.answer_logps(model, {**inputs, "attention_mask": mask, "labels": labels})
-    C = completion_ids.shape[1]
-    out = logps.new_zeros(ids.shape[0], C)  # answer_logps covers the columns from the first scored one on
-    out[:, C - logps.shape[1]:] = logps
-    return out
+    return {**inputs, "attention_mask": mask, "labels": labels}
 
 
 def grpo_loss(
@@ -313,17 +320,27 @@ def compute_loss(
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
     loss_type: str = "grpo",
+    num_generations: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The GRPO loss of a :func:`rollout` batch, a ``loss_fn`` for :func:`llmbook.train.train`.
+    r"""The GRPO loss of a :func:`rollout` batch, a ``loss_fn`` for :func:`llmbook.train.train`.
 
     The batch holds ``advantages`` ``(N,)`` and, when ``beta > 0``, ``ref_per_token_logps``
     ``(N, C)``; ``old_per_token_logps`` when it was sampled before the latest update, else the
     current log-probabilities (detached) stand in for them: one update per batch, as TRL's
     default ``num_iterations=1``. Metrics: those of :func:`grpo_loss`, plus ``reward`` (the
-    mean of ``rewards`` when the batch has them) and ``completion_length`` (mean tokens).
+    mean of ``rewards`` when the batch has them), ``completion_length`` (mean tokens),
+    ``entropy`` (the policy's mean entropy $-\sum_v \pi(v)\log\pi(v)$ over the completion
+    tokens, in nats, as TRL logs it) and, given ``num_generations`` $G$,
+    ``frac_reward_zero_std`` (the share of groups whose $G$ rewards are all equal: those carry
+    no signal).
     """
     if not isinstance(batch, Mapping) or "advantages" not in batch:
         raise ValueError("batch must be a dict from rollout() with 'advantages' added (group_advantages)")
+    if num_generations is not None:
+        num_generations = check_int(num_generations, "num_generations", minimum=2)
+        if "rewards" not in batch or batch["rewards"].numel() % num_generations:
+            raise ValueError(f"num_generations ({num_generations}) needs the batch's rewards, a whole number of "
+                             f"groups of that size")
     logps = completion_logps(model, batch)
     old = batch.get("old_per_token_logps")
     loss, metrics = grpo_loss(logps, logps.detach() if old is None else old, batch["advantages"],
@@ -331,5 +348,12 @@ def compute_loss(
                               beta=beta, epsilon=epsilon, epsilon_high=epsilon_high, loss_type=loss_type)
     if "rewards" in batch:
         metrics["reward"] = batch["rewards"].float().mean().item()
+    if num_generations is not None:
+        spread = batch["rewards"].float().view(-1, num_generations).std(dim=1)
+        metrics["frac_reward_zero_std"] = torch.isclose(spread, torch.zeros_like(spread)).float().mean().item()
     metrics["completion_length"] = batch["completion_mask"].float().sum(1).mean().item()
+    with torch.no_grad():  # the head again at the completion positions only: the whole distribution there
+        logits, _ = losses.labelled_logits(model, _scored_inputs(batch))
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (tokens, V)
+        metrics["entropy"] = -(logp.exp() * logp).sum(-1).mean().item()
     return loss, metrics

@@ -47,6 +47,7 @@ import torch
 
 from llmbook._checks import check_int, check_real
 from llmbook.sampling import generate_answers
+from llmbook.utils import paired_bootstrap  # noqa: F401  (chapter 5 reaches it here)
 from llmbook.utils import progress as show_progress
 
 __all__ = [
@@ -222,33 +223,3 @@ def confident_wrong_rate(correct: Sequence[bool], confidence: Sequence[float], t
         raise ValueError("correct is empty")
     threshold = check_real(threshold, "threshold", low=0.0, high=1.0)
     return sum((not c) and p >= threshold for c, p in zip(correct, confidence)) / len(correct)
-
-
-def paired_bootstrap(a, b, *, resamples: int = 10_000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-    """The mean of ``a - b`` and a percentile bootstrap interval for it, resampling questions.
-
-    Args:
-        a, b: verdicts (0/1 or bool) of two conditions on the same questions, shape
-            ``(seeds, questions)`` or ``(questions,)``; a question's difference is averaged
-            over the seeds first, so the seeds stay paired with their question.
-        resamples: bootstrap resamples of the questions.
-        level: the interval's coverage, in (0, 1).
-        seed: seeds the resampling.
-
-    Returns:
-        ``(mean, low, high)``.
-    """
-    a = torch.as_tensor(a, dtype=torch.float64)
-    b = torch.as_tensor(b, dtype=torch.float64)
-    if a.shape != b.shape or a.dim() not in (1, 2) or a.shape[-1] < 2:
-        raise ValueError(f"a and b must have the same shape, (seeds, questions) or (questions,) with at least "
-                         f"2 questions; got {tuple(a.shape)} and {tuple(b.shape)}")
-    resamples = check_int(resamples, "resamples", minimum=100)
-    level = check_real(level, "level", low=0.0, high=1.0, low_open=True, high_open=True)
-    diff = (a - b).reshape(-1, a.shape[-1]).mean(dim=0)  # (questions,)
-    n = diff.numel()
-    picks = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
-    means = diff[picks].mean(dim=1)
-    tail = (1 - level) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return float(diff.mean()), low, high

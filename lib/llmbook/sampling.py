@@ -51,6 +51,7 @@ from llmbook.utils import progress as show_progress
 
 __all__ = [
     "Answers",
+    "answer_probability",
     "apply_temperature",
     "generate",
     "generate_answers",
@@ -528,6 +529,65 @@ def generate(
     steps.close()  # the bar ends where decoding stopped, also when every row ended early
     sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
     return (sequences, torch.stack(new_logps, dim=1)) if output_logps else sequences
+
+
+def answer_probability(model, batch, *, temperature: float | Sequence[float] = 1.0, top_p: float = 1.0,
+                       top_k: int | None = None, min_p: float | None = None) -> torch.Tensor:
+    r"""The exact probability that sampling writes each row's labelled answer, from one forward pass.
+
+    Sampling the answer $y = (y_1, \dots, y_n)$ token by token from the filtered, tempered
+    distribution $q_{T,p}$ of :func:`sample_next_token` writes exactly $y$ with probability
+
+    $$P(y \mid x) = \prod_{t=1}^{n} q_{T,p}(y_t \mid x, y_{<t}),$$
+
+    and every factor is read off one teacher-forced pass: each step of sampling $y$ would
+    feed the model the same prefix that teacher forcing feeds. So the expected value of
+    "the sample is this answer" (a reward, an accuracy) needs no sampling and has no
+    sampling noise. Only the labelled positions are projected to the vocabulary
+    (:func:`llmbook.losses.labelled_logits`). $T = 0$ is greedy decoding: 1 where every
+    label is the argmax, else 0.
+
+    Args:
+        model: a causal LM (transformers; a :func:`llmbook.models.top_layers` copy fed
+            ``inputs_embeds`` too).
+        batch: model inputs plus ``labels`` ``(B, L)``, not shifted, ``-100`` outside the
+            answer (:class:`llmbook.data.CompletionCollator` or ``QACollator`` build them);
+            include the end token among the labels to require that the answer stops there.
+        temperature: $T \ge 0$, or a list of them: one forward pass serves them all.
+        top_p, top_k, min_p: the filters, as in :func:`sample_next_token`.
+
+    Returns:
+        ``(B,)`` float32 probabilities, or ``(len(temperature), B)`` for a list.
+    """
+    from llmbook.losses import labelled_logits  # losses imports data, as this module does
+
+    several = isinstance(temperature, Sequence) and not isinstance(temperature, str)
+    temperatures = [_check_temperature(t, allow_zero=True) for t in (temperature if several else [temperature])]
+    if not temperatures:
+        raise ValueError("temperature must be a number or a non-empty list of numbers")
+    top_p = _check_top_p(top_p)
+    top_k = None if top_k is None else check_int(top_k, "top_k", minimum=1)
+    min_p = None if min_p is None else _check_min_p(min_p)
+    if not hasattr(batch, "get") or "labels" not in batch:
+        raise TypeError("batch must be a dict with 'labels' and the model's inputs (input_ids, attention_mask)")
+    labels = check_int_tensor(batch["labels"], "labels")
+    if labels.ndim != 2 or not (labels[:, 1:] != -100).any(dim=1).all():
+        raise ValueError("every row of labels needs a labelled position (a label other than -100 after the "
+                         "first): a row without an answer has no probability to give")
+    with torch.no_grad():
+        logits, scored = labelled_logits(model, batch)  # (N, V): the positions that predict a label
+    logits = logits.float()
+    target = labels[:, 1:][scored]  # (N,)
+    row = scored.nonzero()[:, 0]  # (N,) the row of each scored position
+    probs = []
+    for T in temperatures:
+        if T == 0.0:
+            logp = torch.where(logits.argmax(-1) == target, 0.0, -math.inf)
+        else:
+            logp = torch.log_softmax(_warp(logits, T, top_k, top_p, min_p), dim=-1).gather(1, target[:, None])[:, 0]
+        total = torch.zeros(scored.shape[0], device=logits.device).index_add_(0, row, logp)  # (B,)
+        probs.append(total.exp())
+    return torch.stack(probs) if several else probs[0]
 
 
 @dataclass

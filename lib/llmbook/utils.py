@@ -14,14 +14,17 @@ from collections.abc import Callable, Mapping
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llmbook._checks import check_int, check_real
+from llmbook._checks import check_bool, check_int, check_real
 
 __all__ = [
     "LiveTensorBytes",
     "TOLERANCES",
     "cpu_capability",
     "cpu_has_native_bf16",
+    "count_calls",
+    "count_flops",
     "eval_mode",
+    "paired_bootstrap",
     "peak_bytes",
     "peak_memory_since",
     "peak_memory_start",
@@ -283,6 +286,146 @@ def time_call(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1, dev
     if not callable(fn):
         raise TypeError(f"fn must be callable with no arguments, got {type(fn).__name__}")
     return time_interleaved({"fn": fn}, repeat=repeat, warmup=warmup, device=device)["fn"]
+
+
+# --- intervals ------------------------------------------------------------------------
+
+def paired_bootstrap(a, b, *, seeds: bool = False, resamples: int = 10_000, level: float = 0.95,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """The mean of ``a - b`` and a percentile bootstrap interval for it.
+
+    ``a`` and ``b`` are two conditions measured on the same questions (0/1 verdicts, or
+    probabilities such as an exact expected reward), paired question by question. Each
+    resample draws the questions with replacement; with ``seeds=True`` it also draws the
+    seeds (the rows) with replacement, independently, so the interval carries the spread
+    between training runs as well as between questions. Without it, a question's difference
+    is averaged over the seeds first (the seeds stay fixed).
+
+    Args:
+        a, b: shape ``(seeds, questions)`` or ``(questions,)``, the same for both.
+        seeds: resample the seeds too (needs 2 or more rows).
+        resamples: bootstrap resamples (>= 100).
+        level: the interval's coverage, in (0, 1).
+        seed: seeds the resampling.
+
+    Returns:
+        ``(mean, low, high)``. Chapters 5 and 8 use it.
+    """
+    a = torch.as_tensor(a, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64)
+    if a.shape != b.shape or a.dim() not in (1, 2) or a.shape[-1] < 2:
+        raise ValueError(f"a and b must have the same shape, (seeds, questions) or (questions,) with at least "
+                         f"2 questions; got {tuple(a.shape)} and {tuple(b.shape)}")
+    seeds = check_bool(seeds, "seeds")
+    resamples = check_int(resamples, "resamples", minimum=100)
+    level = check_real(level, "level", low=0.0, high=1.0, low_open=True, high_open=True)
+    diff = (a - b).reshape(-1, a.shape[-1])  # (seeds, questions)
+    S, Q = diff.shape
+    if seeds and S < 2:
+        raise ValueError(f"seeds=True resamples the rows (seeds) and needs at least 2 of them, got {S}")
+    g = torch.Generator().manual_seed(seed)
+    questions = torch.randint(Q, (resamples, Q), generator=g)
+    if seeds:
+        rows = torch.randint(S, (resamples, S), generator=g)
+        # resample r: mean over the drawn seeds of the mean over the drawn questions
+        means = diff[rows[:, :, None], questions[:, None, :]].mean(dim=(1, 2))
+    else:
+        means = diff.mean(dim=0)[questions].mean(dim=1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return float(diff.mean()), low, high
+
+
+# --- counting work: what a cost claim is asserted on (a clock depends on the machine's load) ---
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of ``fn()``, counted as PyTorch's ``FlopCounterMode`` counts them.
+
+    Matrix products and attention are counted, 2 per multiply-add ($2mnk$ for an
+    $(m \\times k)(k \\times n)$ product), in the forward pass and in any backward pass that
+    ``fn`` runs; elementwise work (softmax, norms, activations) is not. The count depends
+    only on the shapes ``fn`` computes with, never on how busy the machine is, so a chapter
+    asserts a cost claim on it and shows the measured time beside it (chapters 1, 3 and 4).
+
+    It uses PyTorch's own table of per-operator counts (``torch.utils.flop_counter``), plus
+    the attention kernel PyTorch runs on a CPU, which that table leaves out (its CUDA
+    kernels are in it): $2 b h s_q s_k (d_q + d_v)$ forward and twice that backward, as the
+    table counts the CUDA ones, with $h$ the query heads (grouped-query attention reads
+    shared keys, but each query head does its own products). ``FlopCounterMode`` itself is
+    not used: its per-module tracking fails on a module that returns a trainable parameter
+    as it is (a prefix's keys and values, chapter 4).
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable with no arguments, got {type(fn).__name__}")
+    with _FlopCount() as counter:
+        fn()
+    return counter.total
+
+
+def _cpu_attention_flops(query, key, value, *args, **kwargs) -> int:
+    """$2 b h s_q s_k (d_q + d_v)$: the products $Q K^T$ and $P V$ of one attention call."""
+    b, h, s_q, d_q = query.shape
+    return 2 * b * h * s_q * key.shape[-2] * (d_q + value.shape[-1])
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
+    """Four products (for dQ, dK, dV and dP): twice the forward's, as PyTorch counts on CUDA."""
+    return 2 * _cpu_attention_flops(query, key, value)
+
+
+class _FlopCount(TorchDispatchMode):
+    """Adds up ``torch.utils.flop_counter``'s count of every operator that runs inside it."""
+
+    def __init__(self) -> None:
+        from torch.utils.flop_counter import flop_registry
+
+        super().__init__()
+        aten = torch.ops.aten
+        self.registry = {
+            **flop_registry,
+            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+        }
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = self.registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += int(count(*args, **kwargs, out_val=out))
+        return out
+
+
+class _Calls:
+    """The number of forward calls :func:`count_calls` has seen so far (``.n``)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __repr__(self) -> str:
+        return f"{self.n} call(s)"
+
+
+@contextlib.contextmanager
+def count_calls(module: torch.nn.Module):
+    """Count the forward calls of ``module`` inside the ``with`` block.
+
+    ``with count_calls(model) as calls: ...`` then ``calls.n``: e.g. one call for a
+    parallel pass over $T$ tokens against $T$ calls for decoding them one by one (chapter 1).
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    calls = _Calls()
+
+    def hook(*_):
+        calls.n += 1
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 def _proc_status(field: str) -> int:
