@@ -348,12 +348,13 @@ def count_flops(fn: Callable[[], object]) -> int:
     asserts a cost claim on it and shows the measured time beside it (chapters 1, 3 and 4).
 
     It uses PyTorch's own table of per-operator counts (``torch.utils.flop_counter``), plus
-    the attention kernel PyTorch runs on a CPU, which that table leaves out (its CUDA
-    kernels are in it): $2 b h s_q s_k (d_q + d_v)$ forward and twice that backward, as the
-    table counts the CUDA ones, with $h$ the query heads (grouped-query attention reads
-    shared keys, but each query head does its own products). ``FlopCounterMode`` itself is
-    not used: its per-module tracking fails on a module that returns a trainable parameter
-    as it is (a prefix's keys and values, chapter 4).
+    the attention kernel PyTorch runs on a CPU, which that table leaves out, counted with
+    the table's formulas for the CUDA kernels: $2 b h s_q s_k (d_q + d_v)$ forward, five
+    products backward, with $h$ the query heads (grouped-query attention shares keys, but
+    each query head does its own products). As in PyTorch's count, attention is charged for
+    the whole $s_q \\times s_k$ rectangle, the causally masked half included.
+    ``FlopCounterMode`` itself is not used: its per-module tracking fails on a module that
+    returns a trainable parameter as it is (a prefix's keys and values, chapter 4).
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable with no arguments, got {type(fn).__name__}")
@@ -363,14 +364,18 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def _cpu_attention_flops(query, key, value, *args, **kwargs) -> int:
-    """$2 b h s_q s_k (d_q + d_v)$: the products $Q K^T$ and $P V$ of one attention call."""
-    b, h, s_q, d_q = query.shape
-    return 2 * b * h * s_q * key.shape[-2] * (d_q + value.shape[-1])
+    """PyTorch's count for its CUDA attention kernels, $2 b h s_q s_k (d_q + d_v)$ ($Q K^T$, $P V$)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
 
 
 def _cpu_attention_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
-    """Four products (for dQ, dK, dV and dP): twice the forward's, as PyTorch counts on CUDA."""
-    return 2 * _cpu_attention_flops(query, key, value)
+    """PyTorch's count for the CUDA kernels' backward: five products (the scores recomputed, then
+    the gradients of $P$, $V$, $Q$ and $K$), $2 b h s_q s_k (3 d_q + 2 d_v)$."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
 
 
 class _FlopCount(TorchDispatchMode):
