@@ -510,6 +510,10 @@ BAD = [
      "batch must be a dict with 'labels'"),
     ("answer_probability-no-answer", lambda c: sampling.answer_probability(
         c.tiny, c.qa_batch(labels=torch.full((2, 6), -100))), ValueError, "every row of labels needs a labelled position"),
+    ("paired_bootstrap-seeds-one-row", lambda c: utils.paired_bootstrap(torch.ones(1, 5), torch.zeros(1, 5), seeds=True),
+     ValueError, "seeds=True resamples the rows .* needs at least 2"),
+    ("paired_bootstrap-seeds-not-bool", lambda c: utils.paired_bootstrap(torch.ones(2, 5), torch.zeros(2, 5), seeds="yes"),
+     TypeError, "seeds must be"),
     ("count_flops-fn-not-callable", lambda c: utils.count_flops(3), TypeError, "fn must be callable"),
     ("count_calls-not-a-module", lambda c: utils.count_calls("model").__enter__(), TypeError,
      "module must be a torch.nn.Module, got str"),

@@ -527,12 +527,9 @@ def test_the_cached_check_of_the_real_model_costs_no_hash(real_cache, hashes):
     # The check behind every cached load: a stat per file, never the 540 MB sha256.
     assert models.default_model_path() == real_cache
     hashes.clear()
-    start = time.perf_counter()
     for _ in range(10):
         models.default_model_path()
-    seconds = (time.perf_counter() - start) / 10
-    assert hashes == []
-    assert seconds < 0.05, f"the cache check took {seconds * 1e3:.1f} ms"
+    assert hashes == []  # counted, not timed: a busy machine must not fail this
 
 
 def test_makefile_installs_the_package_the_error_names():
@@ -548,13 +545,17 @@ def test_makefile_installs_the_package_the_error_names():
 
 # --- the real model, offline ------------------------------------------------------
 
-def test_default_model_answers_paris_offline_and_reloads_fast(monkeypatch):
+def test_default_model_answers_paris_offline_and_reloads_fast(monkeypatch, hashes):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tokenizer = models.load_model(device="cpu")  # converts on the very first run
-    start = time.perf_counter()
+    # A cached load is fast because it neither converts nor hashes: counted, not timed.
+    def no_conversion(*args):
+        raise AssertionError("a cached load converted the GGUF again")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    hashes.clear()
     model, tokenizer = models.load_model(device="cpu")
-    seconds = time.perf_counter() - start
-    assert seconds < 1, f"a cached load took {seconds:.2f} s (the budget is 1 s)"
+    assert hashes == []
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.vocab_size, cfg.tie_word_embeddings) == (30, 576, 9, 3, 49152, True)
