@@ -6,8 +6,8 @@ Usage: python scripts/under_load.py [--workers N] [--max-seconds S] -- COMMAND .
 The book's checks must not depend on an idle machine: a chapter asserts on counts, never
 on a clock, so `make test` has to pass while other work shares the CPU. This starts
 ``--workers`` processes (default: one per core) that each spin in a Python loop, runs the
-command, then stops them and reports the command's wall time and the load average. Each
-worker also stops by itself after ``--max-seconds`` (default 3 hours), so nothing outlives
+command, then stops them (and the command, when it is itself stopped by SIGTERM or Ctrl-C) and reports
+the command's wall time and the load average. Each worker also stops by itself after ``--max-seconds`` (default 3 hours), so nothing outlives
 an interrupted run. The workers' process ids are passed to the command in
 ``LLMBOOK_LOAD_PIDS`` (space-separated). The exit status is the command's.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_seconds <= 0:
         parser.error(f"--max-seconds must be > 0, got {args.max_seconds}")
 
+    # Stopped from outside (SIGTERM), still stop the workers: the finally below runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     until = time.monotonic() + args.max_seconds
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=spin, args=(until,), daemon=True) for _ in range(args.workers)]
@@ -55,9 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"under_load: {args.workers} busy process(es) on {os.cpu_count()} core(s); running "
           f"{' '.join(command)}", flush=True)
     start = time.monotonic()
+    status, child = 143, subprocess.Popen(command, env=env)
     try:
-        status = subprocess.call(command, env=env)
+        status = child.wait()
     finally:
+        if child.poll() is None:  # stopped from outside: stop the command too
+            child.terminate()
+            child.wait()
         load = os.getloadavg()
         for worker in workers:
             worker.terminate()

@@ -47,3 +47,25 @@ def test_workers_are_busy_during_the_command_and_gone_after_it():
 def test_bad_arguments_are_named(args, message):
     run = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and message in run.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_workers_stop_when_the_script_is_stopped(tmp_path):
+    import signal
+    import time
+
+    pids_file = tmp_path / "pids"
+    command = [sys.executable, "-c",
+               f"import os, time; open({str(pids_file)!r}, 'w')"
+               ".write(os.environ['LLMBOOK_LOAD_PIDS'] + ' ' + str(os.getpid())); time.sleep(60)"]
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--workers", "2", "--", *command],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (pids_file.exists() and pids_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pids = [int(p) for p in pids_file.read_text().split()]  # the two workers and the command
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
