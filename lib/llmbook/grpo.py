@@ -9,11 +9,12 @@ so no value model is needed: the group is the baseline. Every token $t$ of compl
 then gets PPO's clipped objective with the probability ratio
 $\rho_{i,t} = \pi_\theta(o_{i,t} \mid \cdot) / \pi_{\theta_{\mathrm{old}}}(o_{i,t} \mid \cdot)$,
 
-$$\ell_{i,t} = -\min\big(\rho_{i,t} A_i,\ \operatorname{clip}(\rho_{i,t}, 1 - \epsilon, 1 + \epsilon_{\mathrm{high}}) A_i\big) + \beta\, k_3(i, t),$$
+$$\ell_{i,t} = -\min\big(\rho_{i,t} A_i,\ \operatorname{clip}(\rho_{i,t}, 1 - \epsilon, 1 + \epsilon_{\mathrm{high}}) A_i\big) + \beta\, \rho_{i,t}\, k_3(i, t),$$
 
 where $k_3 = e^{\log\pi_{\mathrm{ref}} - \log\pi_\theta} - (\log\pi_{\mathrm{ref}} - \log\pi_\theta) - 1 \ge 0$ is
-the per-token estimate of $\mathrm{KL}(\pi_\theta \,\|\, \pi_{\mathrm{ref}})$ (unbiased under
-samples from $\pi_\theta$). The loss averages $\ell$ over each completion's tokens, then over
+the per-token estimate of $\mathrm{KL}(\pi_\theta \,\|\, \pi_{\mathrm{ref}})$ (its value unbiased under
+samples from $\pi_\theta$), weighted by $\rho_{i,t}$ by default so that its gradient is that KL's
+gradient too (``use_bias_correction_kl``). The loss averages $\ell$ over each completion's tokens, then over
 completions (``loss_type="grpo"``); ``"bnpo"`` averages over all tokens of the batch and
 ``"dr_grpo"`` divides the sum by (completions x the longest completion allowed).
 
@@ -167,10 +168,12 @@ def grpo_loss(
             (``epsilon_high`` defaults to ``epsilon``).
         loss_type: ``"grpo"``, ``"bnpo"`` or ``"dr_grpo"`` (see the module's text).
         max_completion_length: ``dr_grpo``'s divisor per completion (default ``C``).
-        use_bias_correction_kl: weight each token's k3 by the ratio $\rho_{i,t}$: the tokens were
-            sampled from $\pi_{\theta_{\mathrm{old}}}$, and $\rho$ turns their average into an estimate
-            of the KL under $\pi_\theta$ (importance sampling; TRL's default). No effect while
-            $\rho = 1$.
+        use_bias_correction_kl: weight each token's k3 by the ratio $\rho_{i,t}$ (TRL's default): the
+            tokens were sampled from $\pi_{\theta_{\mathrm{old}}}$, and $\rho$ turns their average into
+            an estimate of the KL under $\pi_\theta$ (importance sampling). At $\rho = 1$ the value is
+            unchanged but the gradient is not: with the weight, the expected gradient is that of
+            $\mathrm{KL}(\pi_\theta \,\|\, \pi_{\mathrm{ref}})$; without it, that of
+            $\mathrm{KL}(\pi_{\mathrm{ref}} \,\|\, \pi_\theta)$ (chapter 8 checks both exactly).
 
     Returns:
         ``(loss, metrics)``: ``metrics`` holds ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
