@@ -139,9 +139,10 @@ def progress(iterable, *, desc: str, disable: bool = False):
     """A text progress bar over ``iterable``, written to standard error.
 
     Plain text rather than a notebook widget: it updates in place in JupyterLab and in a
-    terminal, and the book (``nb_output_stderr: remove`` in ``_config.yml``) and nbval
-    (``chapters/conftest.py``) leave standard error out, so a saved bar neither clutters a
-    page nor fails a check. It redraws at most every 2 s.
+    terminal, for the person watching the cell. The book (``nb_output_stderr: remove`` in
+    ``_config.yml``) and nbval (``chapters/conftest.py``) leave standard error out, and
+    ``scripts/clean_notebooks.py`` (run by ``make execute``) takes the saved bar out of the
+    committed notebook. It redraws at most every 2 s.
     """
     import sys
 
