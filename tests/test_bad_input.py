@@ -120,6 +120,13 @@ BAD = [
     ("generate-mask-right-padded", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2,
                                                                attention_mask=torch.tensor([[1] * 5, [1, 1, 1, 0, 0]])),
      ValueError, r"attention_mask rows \[1\] have padding after their tokens.*padding_side = 'left'"),
+    ("generate-prefix-tensor", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2, prefix=c.ids[0]),
+     TypeError, "prefix must be a SharedPrefix made by prefix_cache"),
+    ("prefix_cache-out-of-vocab", lambda c: sampling.prefix_cache(c.tiny, [3, TINY_V]), ValueError,
+     r"prefix_ids must be in \[0, 255\]"),
+    ("prefix_cache-2d", lambda c: sampling.prefix_cache(c.tiny, c.ids), ValueError, "prefix_ids must be 1-D"),
+    ("prefix_cache-empty", lambda c: sampling.prefix_cache(c.tiny, []), ValueError,
+     "prefix_ids must hold at least one token id"),
     ("generate-mask-float", lambda c: sampling.generate(c.tiny, c.ids, max_new_tokens=2,
                                                         attention_mask=torch.tensor([[1.0] * 5, [0, 0, 0.5, 1, 1]])),
      TypeError, "attention_mask must be an integer or bool tensor of 0s and 1s"),
@@ -370,6 +377,8 @@ BAD = [
      "prompts must be a non-empty list of strings"),
     ("answers-stems-wrong-length", lambda c: sampling.generate_answers(c.chat_model, c.tok, ["a", "b"], stems=["x"]),
      ValueError, "stems must be a list of 2 strings"),
+    ("answers-share_prefix-str", lambda c: sampling.generate_answers(c.chat_model, c.tok, ["hi"], share_prefix="no"),
+     TypeError, "share_prefix must be True or False"),
     ("answers-greedy-int", lambda c: sampling.generate_answers(c.chat_model, c.tok, ["hi"], greedy=1), TypeError,
      "greedy must be True or False"),
     ("answers-no-greedy-no-samples", lambda c: sampling.generate_answers(c.chat_model, c.tok, ["hi"], greedy=False),
@@ -549,6 +558,7 @@ THROUGH_CTX = {"dpo.dpo_loss": "c.dpo_loss", "lora.LoRALinear": "c.lora_linear",
 NO_ARGUMENTS = {
     "data.data_dir", "models.cache_dir", "models.pick_device", "models.ModelCacheError",
     "models.ModelNotAvailableError", "plots.use_style", "utils.cpu_capability", "utils.umask", "utils.LiveTensorBytes", "sampling.Answers",
+    "sampling.SharedPrefix",  # a record that prefix_cache makes; generate refuses anything else as prefix
     "utils.peak_memory_start", "utils.peak_memory_since",  # a device (torch names a bad one) and a count it returned
     "train.move_to",  # any value: what is not a tensor, dict, list or tuple is returned as it is
     "prefix.prefix_kv_shape",  # a transformers config; tests/test_prefix.py checks its refusals

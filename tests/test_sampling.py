@@ -20,6 +20,7 @@ from llmbook.sampling import (
     left_pad,
     min_p_filter,
     position_ids,
+    prefix_cache,
     sample_next_token,
     top_k_filter,
     top_p_filter,
@@ -345,6 +346,81 @@ def test_generate_rejects_bad_input(tiny):
     with pytest.raises(ValueError, match="attention_mask"):
         generate(tiny, ids, max_new_tokens=2, attention_mask=torch.ones(2, 4))
 
+
+
+# --- a prefix shared by every prompt, encoded once ----------------------------------------------
+
+def _rows_after_a_prefix(seed):
+    """A 6-token prefix and three rows of 2-5 tokens after it (left-padded), and the whole prompts."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, 128, (6,), generator=g)
+    rows = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 2, 4)]
+    ids, mask = left_pad(rows, 2)
+    full_ids, full_mask = left_pad([prefix.tolist() + r for r in rows], 2)
+    return prefix, ids, mask, full_ids, full_mask
+
+
+@pytest.mark.parametrize("temperature, top_p, copies, greedy_first", [
+    (0.0, 1.0, 1, False), (1.3, 1.0, 1, False), (0.8, 0.9, 3, True)])
+def test_generate_after_a_shared_prefix_equals_transformers_on_the_whole_prompts(temperature, top_p, copies,
+                                                                                 greedy_first):
+    model = models.tiny_model(seed=3, vocab_size=128, dtype=torch.float64)  # float64: no rounding near-ties
+    prefix, ids, mask, full_ids, full_mask = _rows_after_a_prefix(0)
+    shared = prefix_cache(model, prefix)
+    kw = dict(max_new_tokens=9, temperature=temperature, top_p=top_p, eos_token_id=2, pad_token_id=0,
+              output_logps=True, num_return_sequences=copies, greedy_first=greedy_first)
+    torch.manual_seed(5)
+    ours, ours_logps = generate(model, ids, attention_mask=mask, prefix=shared, **kw)
+    torch.manual_seed(5)
+    whole, whole_logps = generate(model, full_ids, attention_mask=full_mask, **kw)
+    assert torch.equal(ours[:, ids.shape[1]:], whole[:, full_ids.shape[1]:])
+    assert torch.equal(ours[:, :ids.shape[1]], ids.repeat_interleave(copies, 0)), "rows start with input_ids"
+    torch.testing.assert_close(ours_logps, whole_logps, rtol=1e-10, atol=1e-10)
+    if not greedy_first:  # transformers' generate on the whole prompts, under the same seed
+        torch.manual_seed(5)
+        ref = hf_generate(model, full_ids, 9, temperature, top_p, None, attention_mask=full_mask,
+                          num_return_sequences=copies, eos_token_id=2, pad_token_id=0)
+        assert torch.equal(ours[:, ids.shape[1]:], ref[:, full_ids.shape[1]:])
+    # the same prefix serves a second call, and a batch without padding
+    again = generate(model, ids[:1, -5:], prefix=shared, max_new_tokens=9, temperature=0, eos_token_id=[])
+    alone = generate(model, full_ids[:1, -11:], max_new_tokens=9, temperature=0, eos_token_id=[])
+    assert torch.equal(again[:, 5:], alone[:, 11:])
+
+
+def test_generate_answers_encodes_the_shared_prefix_once_with_the_same_answers(chat_model, tokenizer):
+    prompts = QUESTIONS + ["Hi"]
+    fed = []
+    handle = chat_model.model.embed_tokens.register_forward_hook(lambda m, args, out: fed.append(args[0].numel()))
+
+    def run(share):
+        fed.clear()
+        answers = generate_answers(chat_model, tokenizer, prompts, system="Answer briefly.", max_new_tokens=5,
+                                   num_samples=3, batch_size=2, share_prefix=share,
+                                   generator=torch.Generator().manual_seed(0))
+        return answers, fed[:]
+
+    try:
+        shared, shared_fed = run(True)
+        whole, whole_fed = run(False)
+    finally:
+        handle.remove()
+    assert shared.greedy == whole.greedy and shared.samples == whole.samples
+    for a, b in zip(shared.greedy_logps, whole.greedy_logps):
+        assert a == pytest.approx(b, abs=1e-4)
+    texts = [tokenizer(chat_prompt(tokenizer, p, "Answer briefly."), add_special_tokens=False).input_ids
+             for p in prompts]
+    common = next(i for i in range(min(map(len, texts))) if len({t[i] for t in texts}) > 1)
+    assert common > 10, "the template's header and the system message are shared"
+    # the prefix is encoded once (one row); each prompt pass then feeds every row without it
+    assert shared_fed[0] == common and whole_fed[0] == 2 * max(len(t) for t in texts[:2])
+    assert sum(whole_fed) - sum(shared_fed) == common * len(prompts) - common, (shared_fed, whole_fed)
+
+
+def test_a_prefix_encoded_by_another_model_is_refused(tiny):
+    # (the other refusals are rows of tests/test_bad_input.py)
+    other = models.tiny_model(seed=1, vocab_size=128)
+    with pytest.raises(ValueError, match="prefix was encoded by another model"):
+        generate(tiny, torch.randint(3, 128, (2, 4)), max_new_tokens=2, prefix=prefix_cache(other, [5, 6]))
 
 # --- answering a batch of prompts (the book's one generation path) ----------------------------
 

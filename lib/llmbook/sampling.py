@@ -26,6 +26,7 @@ Chapter 6 explains all of this on SmolLM2-135M-Instruct.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -51,6 +52,7 @@ from llmbook.utils import progress as show_progress
 
 __all__ = [
     "Answers",
+    "SharedPrefix",
     "answer_probability",
     "apply_temperature",
     "generate",
@@ -58,6 +60,7 @@ __all__ = [
     "left_pad",
     "min_p_filter",
     "position_ids",
+    "prefix_cache",
     "sample_next_token",
     "stop_token_ids",
     "top_k_filter",
@@ -372,6 +375,44 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     check_tensor(attention_mask, "attention_mask")
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Tokens that every prompt of a :func:`generate` call starts with, and their KV cache.
+
+    Made by :func:`prefix_cache`; pass it as ``generate(..., prefix=...)`` (or to several
+    calls) and each call continues from copies of this one cache instead of encoding the
+    tokens again for every row. It holds the keys and values of the weights it was made
+    with: make it again after training.
+    """
+
+    ids: torch.Tensor  # (c,) the prefix's token ids
+    cache: object  # the model's cache of those c tokens, batch 1
+    model_id: int  # id() of the model that encoded them
+
+
+@torch.no_grad()
+def prefix_cache(model, prefix_ids) -> SharedPrefix:
+    """Encode ``prefix_ids`` (a list or 1-D tensor of token ids) once, for :func:`generate`'s ``prefix``."""
+    if torch.is_tensor(prefix_ids):
+        check_int_tensor(prefix_ids, "prefix_ids")
+        if prefix_ids.ndim != 1:
+            raise ValueError(f"prefix_ids must be 1-D (one prefix for every row), got shape {tuple(prefix_ids.shape)}")
+        prefix_ids = prefix_ids.tolist()
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    ids = _token_ids(prefix_ids, "prefix_ids", maximum=None if vocab is None else vocab - 1,
+                     hint="" if vocab is None else f"(tokens of the model's vocabulary of {vocab})")
+    if not ids:
+        raise ValueError("prefix_ids must hold at least one token id")
+    ids = torch.tensor(ids, device=model.device)
+    with eval_mode(model):
+        cache = model(ids[None], use_cache=True, **_last_only(model)).cache
+    return SharedPrefix(ids=ids, cache=cache, model_id=id(model))
+
+
+def _last_only(model) -> dict:
+    """The keyword that makes a forward project only the last position to the vocabulary."""
+    return {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
+
 
 @torch.no_grad()
 def generate(
@@ -391,6 +432,7 @@ def generate(
     greedy_first: bool = False,
     suppress_tokens: list[int] | None = None,
     output_logps: bool = False,
+    prefix: SharedPrefix | None = None,
     progress: bool = False,
 ):
     r"""Sample (or, with ``temperature=0``, greedily decode) a continuation with a KV cache.
@@ -423,6 +465,12 @@ def generate(
         suppress_tokens: ids that are never produced (their logits set to $-\infty$ first).
         output_logps: also return each new token's log-probability under the model's own
             distribution (temperature 1, no filter, no suppression).
+        prefix: tokens that come before every row of ``input_ids``, already encoded by
+            :func:`prefix_cache` (a system prompt, few-shot examples). Every row continues
+            from a copy of its cache, laid out as ``[prefix][padding][row]`` with the
+            positions of ``[prefix][row]``: the tokens and log-probabilities are those of
+            the prompts ``prefix + row`` (equal up to float rounding; a test checks). The
+            returned sequences start with ``input_ids``, without the prefix.
         progress: show a bar over the decoding steps (:func:`llmbook.utils.progress`).
 
     Returns:
@@ -464,10 +512,18 @@ def generate(
         pad_token_id = check_int(pad_token_id, "pad_token_id", minimum=0, maximum=top_id, hint=in_vocab)
     if eos and pad_token_id is None:
         raise ValueError("pad_token_id is needed to fill rows that ended; pass one")
+    if prefix is not None:
+        if not isinstance(prefix, SharedPrefix):
+            raise TypeError(f"prefix must be a SharedPrefix made by prefix_cache(model, ids), got "
+                            f"{type(prefix).__name__}")
+        if prefix.model_id != id(model):
+            raise ValueError("prefix was encoded by another model: make it with prefix_cache(model, ids) "
+                             "for the model that generates")
+    shared = 0 if prefix is None else len(prefix.ids)
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(context, int) and input_ids.shape[1] + max_new_tokens > context:
+    if isinstance(context, int) and shared + input_ids.shape[1] + max_new_tokens > context:
         warnings.warn(
-            f"input_ids ({input_ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) exceed the model's "
+            f"input_ids ({shared + input_ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) exceed the model's "
             f"context of {context} positions (config.max_position_embeddings): the tokens past it come from "
             "positions the model never saw in training. Shorten the prompt or lower max_new_tokens.",
             stacklevel=3,
@@ -477,22 +533,27 @@ def generate(
 
     device = model.device
     input_ids = input_ids.to(device)
-    B, P = input_ids.shape
-    positions = None
+    B = input_ids.shape[0]
+    positions, cache = None, {}
+    if prefix is not None:  # [prefix][padding][row]: the prefix's cache, once per row
+        cache = {"cache": copy.deepcopy(prefix.cache)}
+        cache["cache"].batch_repeat_interleave(B)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(B, shared), attention_mask.to(device)], dim=1)
     if attention_mask is not None:
         attention_mask = attention_mask.to(device=device, dtype=torch.long)
         if bool(attention_mask.all()):
             attention_mask = None  # no padding: the causal mask alone is exact (and faster)
-        else:
-            positions = position_ids(attention_mask)  # a left-padded row starts at position 0
+        else:  # a left-padded row starts at position 0, a row after a prefix at its length
+            positions = position_ids(attention_mask)[:, shared:]
     eos_ids = torch.tensor(eos, device=device) if eos else None
     suppress_ids = torch.tensor(suppress, device=device) if suppress else None
     N = B * copies
     unfinished = torch.ones(N, dtype=torch.bool, device=device)
     is_greedy = torch.arange(N, device=device) % copies == 0 if greedy_first else None
 
-    last_only = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
-    out = model(input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **last_only)
+    out = model(input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                **cache, **_last_only(model))
     cache, logits = out.cache, out.logits[:, -1].float()  # (B, V) the next-token logits, in fp32 like transformers
     if copies > 1:  # rows become prompt 0 copy 1, ..., prompt 0 copy n, prompt 1 copy 1, ...
         cache.batch_repeat_interleave(copies)
@@ -620,6 +681,15 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def _common_length(rows: list[list[int]]) -> int:
+    """How many first tokens every row shares, leaving each row at least one token of its own."""
+    shortest = min(len(row) for row in rows) - 1
+    n = 0
+    while n < shortest and all(row[n] == rows[0][n] for row in rows):
+        n += 1
+    return n
+
+
 def generate_answers(
     model,
     tokenizer,
@@ -637,13 +707,16 @@ def generate_answers(
     strip: bool = True,
     batch_size: int = 16,
     generator: torch.Generator | None = None,
+    share_prefix: bool = True,
     progress: bool = False,
 ) -> Answers:
     r"""The model's answers to user messages: greedy, sampled, or both from one prompt pass.
 
     Each prompt is formatted with the chat template (and ``system``), its ``stem`` appended,
     left-padded in its batch and run through :func:`generate` once; the greedy row and the
-    ``num_samples`` sampled rows continue from copies of that one prompt pass. Answers are
+    ``num_samples`` sampled rows continue from copies of that one prompt pass. The tokens
+    that every prompt starts with (the template's header, the system message) are encoded
+    once for the whole call (:func:`prefix_cache`) and every row continues from them. Answers are
     decoded without special tokens and stripped of surrounding white space.
 
     Args:
@@ -661,6 +734,8 @@ def generate_answers(
         progress: show a bar over each batch's decoding steps.
         generator: a seeded ``torch.Generator`` (on the model's device) makes the samples
             reproducible.
+        share_prefix: encode the prompts' common first tokens once; ``False`` encodes
+            every prompt whole (the same answers, up to float rounding).
 
     Returns:
         :class:`Answers`.
@@ -674,22 +749,26 @@ def generate_answers(
     num_samples = check_int(num_samples, "num_samples", minimum=0 if greedy else 1,
                             hint="" if greedy else "(with greedy=False there must be samples)")
     batch_size = check_int(batch_size, "batch_size", minimum=1)
+    share_prefix = check_bool(share_prefix, "share_prefix")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
     stop = stop_token_ids(model, tokenizer)
     copies = int(greedy) + num_samples
     answers = Answers(greedy=[], greedy_logps=[], stopped=[], samples=[])
+    texts = [chat_prompt(tokenizer, p, system) + (stems[i] if stems is not None else "")
+             for i, p in enumerate(prompts)]
+    encoded = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    shared = _common_length(encoded) if share_prefix else 0
     with eval_mode(model):
+        prefix = prefix_cache(model, encoded[0][:shared]) if shared else None
         for start in range(0, len(prompts), batch_size):
-            texts = [chat_prompt(tokenizer, p, system) + (stems[start + i] if stems is not None else "")
-                     for i, p in enumerate(prompts[start:start + batch_size])]
-            ids, mask = left_pad([tokenizer(t, add_special_tokens=False).input_ids for t in texts],
+            ids, mask = left_pad([row[shared:] for row in encoded[start:start + batch_size]],
                                  tokenizer.pad_token_id, device=model.device)
             out, logps = generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                   temperature=temperature if num_samples else 0.0, top_p=top_p, top_k=top_k,
                                   eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, generator=generator,
                                   num_return_sequences=copies, greedy_first=greedy, suppress_tokens=suppress_tokens,
-                                  output_logps=True, progress=progress)
+                                  output_logps=True, prefix=prefix, progress=progress)
             new = out[:, ids.shape[1]:]  # (rows, n)
             ended = torch.isin(new, torch.tensor(stop, device=new.device))  # (rows, n)
             # an answer's tokens run up to and including its first end token
