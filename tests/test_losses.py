@@ -527,3 +527,98 @@ def test_response_loss_without_an_exposed_head_takes_the_answer_logps_path():
     labels[:, :5] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     torch.testing.assert_close(losses.response_loss(Opaque(base), batch), base(**batch).loss)
+
+
+# --- a prefix shared by the rows of a batch, run once ------------------------------------------
+
+def _rows_with_a_common_start(seed, rows=4, start=7, pad_left=False):
+    """Token rows that share their first ``start`` tokens, right-padded (or with a left-padded start)."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randint(3, 200, (start,), generator=g).tolist()
+    ids, labels = [], []
+    for n in range(rows):
+        rest = torch.randint(3, 200, (3 + n,), generator=g).tolist()
+        ids.append(common + rest)
+        labels.append([-100] * (start + 1) + rest[1:])
+    T = max(map(len, ids))
+    mask = [[1] * len(r) + [0] * (T - len(r)) for r in ids]
+    ids = [r + [0] * (T - len(r)) for r in ids]
+    labels = [r + [-100] * (T - len(r)) for r in labels]
+    batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+    if pad_left:  # a padded start, as a left-padded prompt of GRPO
+        batch["attention_mask"][:, :2] = 0
+    return batch
+
+
+# The shared prefix's gradient is the sum over its rows, taken before the norms' float32
+# backward instead of after: equal to float32 rounding, far tighter than a lost
+# contribution (of the order of the gradient).
+GRAD_THROUGH_NORMS = {"rtol": 1e-5, "atol": 1e-8}
+
+
+def _logits_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    logits, scored = losses.labelled_logits(model, batch)
+    logits.float().logsumexp(-1).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), scored, grads
+
+
+@pytest.mark.parametrize("pad_left", [False, True])
+def test_a_shared_prefix_gives_the_logits_and_gradients_of_the_whole_rows(pad_left):
+    from llmbook import lora
+
+    model = models.tiny_model(seed=2, vocab_size=256, dtype=torch.float64, num_hidden_layers=3)
+    lora.apply_lora(model, ["model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.v_proj",
+                            "model.layers.1.mlp.up_proj"], r=4, lora_alpha=8)
+    for layer in lora.lora_layers(model):  # B != 0: the adapters change what the model computes
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.3)
+    batch = _rows_with_a_common_start(0, pad_left=pad_left)
+    assert losses.shared_prefix(batch) == 7
+    with torch.no_grad():
+        for whole, shared in zip(losses.answer_logps(model, batch),
+                                 losses.answer_logps(model, batch | {"shared_prefix": (7, 4)})):
+            torch.testing.assert_close(shared, whole, rtol=1e-10, atol=1e-10)
+    whole = _logits_and_grads(model, batch)
+    shared = _logits_and_grads(model, batch | {"shared_prefix": (7, 4)})
+    assert torch.equal(whole[1], shared[1])
+    torch.testing.assert_close(shared[0], whole[0], rtol=1e-10, atol=1e-10)
+    assert whole[2].keys() == shared[2].keys() and whole[2]
+    for name in whole[2]:  # RMSNorm computes in float32 even in a float64 model: its backward rounds so
+        torch.testing.assert_close(shared[2][name], whole[2][name], **GRAD_THROUGH_NORMS)
+
+
+def test_a_shared_prefix_in_groups_on_a_top_layers_copy_that_shares_the_models_layers():
+    # GRPO's case: a prompt repeated for each completion of its group; the copy's layers
+    # keep their slots (1 and 2) in the full model's cache.
+    from llmbook import lora
+
+    model = models.tiny_model(seed=4, vocab_size=256, dtype=torch.float64, num_hidden_layers=3)
+    lora.apply_lora(model, ["model.layers.1.self_attn.q_proj", "model.layers.2.mlp.down_proj"], r=4, lora_alpha=8)
+    for layer in lora.lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.3)
+    top = models.top_layers(model, 2, share=True)
+    a, b = _rows_with_a_common_start(1, rows=2, start=9), _rows_with_a_common_start(2, rows=2, start=9)
+    batch = {k: torch.cat([a[k], b[k]]) for k in a}  # groups of two: rows 0-1 and rows 2-3
+    inputs = models.top_layer_inputs(model, batch, 2)
+    assert losses.shared_prefix(inputs, 2) == 9 and losses.shared_prefix(inputs) < 9
+    whole = _logits_and_grads(top, inputs)
+    shared = _logits_and_grads(top, inputs | {"shared_prefix": (9, 2)})
+    torch.testing.assert_close(shared[0], whole[0], rtol=1e-10, atol=1e-10)
+    for name in whole[2]:
+        torch.testing.assert_close(shared[2][name], whole[2][name], **GRAD_THROUGH_NORMS)
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2], "the slots are restored"
+    # the full model through its own answers, the same
+    full = losses.labelled_logits(model, batch | {"shared_prefix": (9, 2)})[0]
+    torch.testing.assert_close(full.detach(), whole[0], rtol=1e-10, atol=1e-10)
+
+
+def test_a_shared_prefix_that_does_not_hold_is_refused():
+    model = models.tiny_model(seed=2, vocab_size=256)
+    batch = _rows_with_a_common_start(0)
+    with pytest.raises(ValueError, match="share their first 8 positions, but they differ there"):
+        losses.labelled_logits(model, batch | {"shared_prefix": (8, 4)})
+    with pytest.raises(TypeError, match="shared_prefix must be a pair"):
+        losses.labelled_logits(model, batch | {"shared_prefix": 7})
+    with pytest.raises(ValueError, match="group_size .3. must divide the batch's 4 rows"):
+        losses.shared_prefix(batch, 3)

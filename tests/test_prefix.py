@@ -348,3 +348,22 @@ def test_bad_initialisations_are_named():
         ours.encoder.load_prefix(torch.zeros(2, 2, 2, 4, 16))
     with pytest.raises(ValueError, match="NaN"):
         ours.encoder.load_prefix(torch.full((2, 2, 2, 3, 16), float("nan")))
+
+
+def test_a_shared_prompt_prefix_is_encoded_after_the_virtual_tokens():
+    # sampling.generate(prefix=...) continues from a cache that already holds the virtual
+    # tokens and the shared prompt tokens: the same tokens as the whole prompts, and the
+    # same as PEFT's model generating from the whole prompts.
+    from llmbook.sampling import generate, prefix_cache
+
+    _, ours, theirs = pair(n=4, projection_dim=12)
+    shared = [5, 9, 17, 3]
+    ids, mask = pad_rows(ROWS, "left")
+    whole_ids, whole_mask = pad_rows([shared + row for row in ROWS], "left")
+    after = generate(ours, ids, attention_mask=mask, prefix=prefix_cache(ours, shared), max_new_tokens=5,
+                     temperature=0, eos_token_id=[])
+    whole = generate(ours, whole_ids, attention_mask=whole_mask, max_new_tokens=5, temperature=0, eos_token_id=[])
+    ref = theirs.generate(input_ids=whole_ids, attention_mask=whole_mask, max_new_tokens=5, do_sample=False,
+                          pad_token_id=0)
+    assert torch.equal(after[:, ids.shape[1]:], whole[:, whole_ids.shape[1]:])
+    assert torch.equal(after[:, ids.shape[1]:], ref[:, whole_ids.shape[1]:])

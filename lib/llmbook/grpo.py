@@ -136,7 +136,8 @@ def _scored_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
             raise ValueError(f"inputs_embeds must have shape (B, P + C, H) = {tuple(ids.shape)} + (H,), "
                              f"got {tuple(embeds.shape)}")
         inputs = {"inputs_embeds": embeds}
-    return {**inputs, "attention_mask": mask, "labels": labels}
+    shared = {"shared_prefix": batch["shared_prefix"]} if "shared_prefix" in batch else {}
+    return {**inputs, "attention_mask": mask, "labels": labels, **shared}
 
 
 def grpo_loss(
@@ -275,7 +276,10 @@ def rollout(
         token's log-probability under the model when it was sampled, temperature 1, 0 on
         padding); with ``top_layers``, ``inputs_embeds`` ``(N, P + C, H)``. Its last position
         is zeros: the hidden state of the last token is never computed, and nothing scored
-        reads it (position $t$ only sees positions up to $t$).
+        reads it (position $t$ only sees positions up to $t$). ``shared_prefix`` ``(P, G)``
+        says that the rows of each group share their prompt, so that scoring the batch
+        (:func:`completion_logps`, :func:`compute_loss`) runs it through the model once per
+        group (:func:`llmbook.losses.shared_prefix`); drop the key to score every row whole.
     """
     G = check_int(num_generations, "num_generations", minimum=2, hint="(a group of one has no baseline)")
     check_tensor(prompt_ids, "prompt_ids")
@@ -307,6 +311,8 @@ def rollout(
         "completion_ids": completion_ids,
         "completion_mask": sampling._through_first_end(completion_ids, sampling._end_ids(model, eos_token_id)),
         "sampling_logps": logps,
+        # the G rows of a group repeat one prompt: scoring runs it once per group
+        "shared_prefix": (P, G),
     }
     if top_layers is not None:  # the prompt pass (B rows), then one position per decoding step (N rows)
         steps = [recorded[0].repeat_interleave(G, dim=0), *recorded[1:]]

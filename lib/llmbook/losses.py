@@ -33,6 +33,7 @@ the losses return ``float32``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch
@@ -53,6 +54,7 @@ __all__ = [
     "selective_log_softmax",
     "sft_loss",
     "sft_loss_by_group",
+    "shared_prefix",
 ]
 
 # What answer_logps hands the model from a batch (the rest, labels included, stays out).
@@ -231,7 +233,8 @@ def answer_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
     Args:
         model: a causal LM returning ``.logits`` (transformers, with or without adapters).
         batch: model inputs plus ``labels`` ``(B, T)``, not shifted, ``ignore_index`` where
-            no loss is taken; other entries are ignored.
+            no loss is taken, and optionally ``shared_prefix`` (:func:`shared_prefix`);
+            other entries are ignored.
         ignore_index: the label of positions without loss.
 
     Returns:
@@ -243,6 +246,9 @@ def answer_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
     labels = check_tensor(batch["labels"], "labels")
     T = labels.shape[-1]
     keep = logits_to_keep(labels, ignore_index)
+    head = _output_head(model)
+    if head is not None and batch.get("shared_prefix") is not None:  # run the shared positions once
+        return per_token_logps(head(_last_hidden(model, batch)[:, T - keep:]), labels[:, T - keep:], ignore_index)
     inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
     if keep < T and accepts_keyword(model, "logits_to_keep"):
         inputs["logits_to_keep"] = keep
@@ -281,11 +287,94 @@ def _output_head(model: torch.nn.Module):
 
 def _last_hidden(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The last hidden state (after the final norm) for ``batch``'s inputs; the model's own head
-    projects one position only, since the caller applies the head where it needs it."""
+    projects one position only, since the caller applies the head where it needs it.
+
+    With ``batch["shared_prefix"] = (s, g)`` (see :func:`shared_prefix`) the first ``s``
+    positions go through the model once per group of ``g`` rows, and the rest of each row
+    continues from copies of their keys and values."""
     inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
-    if accepts_keyword(model, "logits_to_keep"):
-        inputs["logits_to_keep"] = 1
-    return model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1]
+    last_only = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
+    shared = _checked_shared_prefix(batch, inputs)
+    if shared is None:
+        return model(**inputs, **last_only, output_hidden_states=True, use_cache=False).hidden_states[-1]
+    s, g = shared
+    mask = inputs.pop("attention_mask", None)
+    head = {name: value[::g, :s] for name, value in inputs.items()}  # one row per group
+    if mask is not None:
+        head["attention_mask"] = mask[::g, :s]
+    with _cache_slots_from_zero(model):
+        out = model(**head, **last_only, output_hidden_states=True, use_cache=True)
+        cache = out.cache
+        cache.batch_repeat_interleave(g)
+        tail = {name: value[:, s:] for name, value in inputs.items()}
+        rest = model(**tail, attention_mask=mask, cache=cache, **last_only, output_hidden_states=True,
+                     use_cache=True)
+    return torch.cat([out.hidden_states[-1].repeat_interleave(g, dim=0), rest.hidden_states[-1]], dim=1)
+
+
+def shared_prefix(batch: Mapping[str, torch.Tensor], group_size: int | None = None) -> int:
+    """How many first positions every row of ``batch`` shares with the other rows of its group.
+
+    Groups are ``group_size`` consecutive rows (``None``: the whole batch). The count covers
+    the model's inputs and the attention mask, and stops one position before the last.
+    ``batch | {"shared_prefix": (s, group_size)}`` then makes every function of this module
+    (and of :mod:`llmbook.grpo`, :mod:`llmbook.sampling` that scores a batch) run those
+    positions once per group: the same values up to float rounding, for less work when
+    rows repeat a system prompt or, in GRPO, the prompt of a group of completions.
+    """
+    inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
+    if not inputs:
+        raise TypeError("batch must hold the model's inputs (input_ids or inputs_embeds, attention_mask)")
+    rows, length = next(iter(inputs.values())).shape[:2]
+    g = rows if group_size is None else check_int(group_size, "group_size", minimum=1, maximum=rows)
+    if rows % g:
+        raise ValueError(f"group_size ({g}) must divide the batch's {rows} rows")
+    same = torch.ones(length, dtype=torch.bool, device=next(iter(inputs.values())).device)
+    for value in inputs.values():
+        grouped = value.reshape(rows // g, g, length, -1)
+        same &= (grouped == grouped[:, :1]).flatten(3).all(-1).all(1).all(0)
+    differ = (~same[: length - 1]).nonzero()
+    return int(differ[0]) if len(differ) else length - 1
+
+
+def _checked_shared_prefix(batch, inputs) -> tuple[int, int] | None:
+    """``batch["shared_prefix"]`` as ``(s, g)``, checked against the batch, or None."""
+    claim = batch.get("shared_prefix") if hasattr(batch, "get") else None
+    if claim is None:
+        return None
+    if not isinstance(claim, (tuple, list)) or len(claim) != 2:
+        raise TypeError(f"shared_prefix must be a pair (positions, group_size), got {claim!r}")
+    s, g = claim
+    rows, length = next(iter(inputs.values())).shape[:2]
+    s = check_int(s, "shared_prefix's positions", minimum=0, maximum=length - 1)
+    g = check_int(g, "shared_prefix's group_size", minimum=1, maximum=rows)
+    if s == 0 or g == 1:
+        return None  # nothing to share
+    if shared_prefix({**inputs, **({"attention_mask": batch["attention_mask"]} if "attention_mask" in batch
+                                   else {})}, g) < s:
+        raise ValueError(f"shared_prefix says the rows of each group of {g} share their first {s} positions, "
+                         "but they differ there: recount it with losses.shared_prefix(batch, group_size)")
+    return s, g
+
+
+@contextlib.contextmanager
+def _cache_slots_from_zero(model):
+    """Number the decoder layers' cache slots 0, 1, ... while a forward fills a cache of its own.
+
+    A :func:`llmbook.models.top_layers` copy made with ``share=True`` runs the model's own top
+    layers, which keep their slots in the full model's cache (28 and 29 of 30, say)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    attns = [getattr(layer, "self_attn", None) for layer in layers] if layers is not None else []
+    slots = [getattr(a, "layer_idx", None) for a in attns]
+    try:
+        for i, a in enumerate(attns):
+            if a is not None and slots[i] is not None:
+                a.layer_idx = i
+        yield
+    finally:
+        for a, slot in zip(attns, slots):
+            if a is not None and slot is not None:
+                a.layer_idx = slot
 
 
 def labelled_logits(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],

@@ -758,7 +758,7 @@ def generate_answers(
     texts = [chat_prompt(tokenizer, p, system) + (stems[i] if stems is not None else "")
              for i, p in enumerate(prompts)]
     encoded = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-    shared = _common_length(encoded) if share_prefix else 0
+    shared = _common_length(encoded) if share_prefix and len(encoded) > 1 else 0  # one prompt: nothing to share
     with eval_mode(model):
         prefix = prefix_cache(model, encoded[0][:shared]) if shared else None
         for start in range(0, len(prompts), batch_size):

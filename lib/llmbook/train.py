@@ -9,6 +9,14 @@ parameters, a progress bar, and a :class:`History` of every metric at every step
 
 A loss that is NaN or infinite stops training with an error that names the step,
 rather than silently poisoning the weights.
+
+When only the top ``k`` decoder layers train, the layers below compute the same hidden
+states for a batch at every step. The book's one way to skip them: train the copy
+:func:`llmbook.models.top_layers` ``(model, k)`` on batches of
+:func:`llmbook.models.top_layer_inputs` (computed once per batch), and write ``loss_fn``
+for a batch that holds ``inputs_embeds`` instead of ``input_ids``. It pays when batches
+come back (several epochs, several runs on one set); a batch seen once costs the same
+either way (chapter 2 trains so, on the whole model).
 """
 
 from __future__ import annotations
