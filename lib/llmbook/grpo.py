@@ -99,6 +99,15 @@ def completion_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) 
     batch holds ``inputs_embeds`` ``(B, P + C, H)`` (a :func:`rollout` with ``top_layers=k``),
     those go in instead of the ids: ``model`` is then a :func:`llmbook.models.top_layers` copy.
     """
+    logps, _ = losses.answer_logps(model, _scored_inputs(_checked(batch)))
+    C = batch["completion_ids"].shape[1]
+    out = logps.new_zeros(batch["prompt_ids"].shape[0], C)  # answer_logps covers the columns from the first scored one on
+    out[:, C - logps.shape[1]:] = logps
+    return out
+
+
+def _checked(batch):
+    """``batch`` if it holds a prompt and a completion of matching shapes, with a completion token."""
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a dict of prompt_ids, prompt_mask, completion_ids, completion_mask, "
                         f"got {type(batch).__name__}")
@@ -114,11 +123,7 @@ def completion_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) 
                          f"{tuple(completion_mask.shape)}")
     if not completion_mask.bool().any():
         raise ValueError("completion_mask is 0 everywhere: there is no completion token to score")
-    logps, _ = losses.answer_logps(model, _scored_inputs(batch))
-    C = completion_ids.shape[1]
-    out = logps.new_zeros(prompt_ids.shape[0], C)  # answer_logps covers the columns from the first scored one on
-    out[:, C - logps.shape[1]:] = logps
-    return out
+    return batch
 
 
 def _scored_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -350,7 +355,7 @@ def compute_loss(
         if "rewards" not in batch or batch["rewards"].numel() % num_generations:
             raise ValueError(f"num_generations ({num_generations}) needs the batch's rewards, a whole number of "
                              f"groups of that size")
-    logps = completion_logps(model, batch)
+    logps, entropy = _logps_and_entropy(model, batch)
     old = batch.get("old_per_token_logps")
     loss, metrics = grpo_loss(logps, logps.detach() if old is None else old, batch["advantages"],
                               batch["completion_mask"], ref_per_token_logps=batch.get("ref_per_token_logps"),
@@ -361,8 +366,23 @@ def compute_loss(
         spread = batch["rewards"].float().view(-1, num_generations).std(dim=1)
         metrics["frac_reward_zero_std"] = torch.isclose(spread, torch.zeros_like(spread)).float().mean().item()
     metrics["completion_length"] = batch["completion_mask"].float().sum(1).mean().item()
-    with torch.no_grad():  # the head again at the completion positions only: the whole distribution there
-        logits, _ = losses.labelled_logits(model, _scored_inputs(batch))
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (tokens, V)
-        metrics["entropy"] = -(logp.exp() * logp).sum(-1).mean().item()
+    metrics["entropy"] = entropy
     return loss, metrics
+
+
+def _logps_and_entropy(model, batch) -> tuple[torch.Tensor, float]:
+    """:func:`completion_logps` and the mean entropy over the completion tokens, from one pass.
+
+    The head projects the completion's positions only (:func:`llmbook.losses.labelled_logits`);
+    the same log-softmax gives each token's log-probability and the whole distribution's entropy.
+    """
+    inputs = _scored_inputs(_checked(batch))
+    logits, scored = losses.labelled_logits(model, inputs)  # (n, V) at the n completion tokens
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    target = inputs["labels"][:, 1:][scored]
+    grid = logp.new_zeros(scored.shape)  # (B, P + C - 1): position t scores token t + 1
+    grid[scored] = logp.gather(1, target[:, None])[:, 0]
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1).mean().item()
+    P = batch["prompt_ids"].shape[1]
+    return grid[:, P - 1:], entropy
