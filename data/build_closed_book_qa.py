@@ -40,8 +40,9 @@ STEMS = {
     "city_country": "{subject} is in",
 }
 
-# (country, capital, aliases). Left out: countries whose capital is disputed, split or recently
-# moved (Benin, Bolivia, Burundi, Côte d'Ivoire, Israel, South Africa, Sri Lanka, Tanzania);
+# (country, capital, aliases). Left out: countries whose capital is disputed, split between
+# cities or recently moved (Benin, Bolivia, Burundi, Côte d'Ivoire, Israel, Malaysia, Myanmar,
+# the Netherlands, South Africa, Sri Lanka, Tanzania, Yemen);
 # countries whose capital contains the country's name (Andorra, Guatemala, Kuwait, Mexico,
 # Panama: an echo of the question would count as right); and Georgia, also a US state whose
 # capital, Atlanta, is a right answer to the same question.
@@ -65,18 +66,18 @@ COUNTRY_CAPITALS = [
     ("Ghana", "Accra", []), ("Greece", "Athens", []),
     ("Guinea", "Conakry", []), ("Guyana", "Georgetown", []), ("Haiti", "Port-au-Prince", []),
     ("Honduras", "Tegucigalpa", []), ("Hungary", "Budapest", []), ("Iceland", "Reykjavik", ["Reykjavík"]),
-    ("India", "New Delhi", []), ("Indonesia", "Jakarta", []), ("Iran", "Tehran", ["Teheran"]),
+    ("India", "New Delhi", ["Delhi"]), ("Indonesia", "Jakarta", []), ("Iran", "Tehran", ["Teheran"]),
     ("Iraq", "Baghdad", []), ("Ireland", "Dublin", []), ("Italy", "Rome", ["Roma"]),
     ("Jamaica", "Kingston", []), ("Japan", "Tokyo", []), ("Jordan", "Amman", []),
     ("Kazakhstan", "Astana", ["Nur-Sultan"]), ("Kenya", "Nairobi", []),
     ("Kyrgyzstan", "Bishkek", []), ("Laos", "Vientiane", []), ("Latvia", "Riga", []),
     ("Lebanon", "Beirut", []), ("Lesotho", "Maseru", []), ("Liberia", "Monrovia", []),
     ("Libya", "Tripoli", []), ("Lithuania", "Vilnius", []), 
-    ("Madagascar", "Antananarivo", []), ("Malawi", "Lilongwe", []), ("Malaysia", "Kuala Lumpur", []),
+    ("Madagascar", "Antananarivo", []), ("Malawi", "Lilongwe", []),
     ("Mali", "Bamako", []), ("Malta", "Valletta", []), ("Mauritania", "Nouakchott", []),
     ("Moldova", "Chisinau", ["Chișinău"]), ("Mongolia", "Ulaanbaatar", ["Ulan Bator"]),
-    ("Morocco", "Rabat", []), ("Mozambique", "Maputo", []), ("Myanmar", "Naypyidaw", ["Nay Pyi Taw", "Naypyitaw"]),
-    ("Namibia", "Windhoek", []), ("Nepal", "Kathmandu", []), ("the Netherlands", "Amsterdam", []),
+    ("Morocco", "Rabat", []), ("Mozambique", "Maputo", []),
+    ("Namibia", "Windhoek", []), ("Nepal", "Kathmandu", []),
     ("New Zealand", "Wellington", []), ("Nicaragua", "Managua", []), ("Niger", "Niamey", []),
     ("Nigeria", "Abuja", []), ("North Korea", "Pyongyang", []), ("Norway", "Oslo", []),
     ("Oman", "Muscat", []), ("Pakistan", "Islamabad", []),
@@ -92,14 +93,15 @@ COUNTRY_CAPITALS = [
     ("Thailand", "Bangkok", []), ("Togo", "Lomé", ["Lome"]), ("Tunisia", "Tunis", []),
     ("Turkey", "Ankara", []), ("Turkmenistan", "Ashgabat", ["Ashkhabad"]), ("Uganda", "Kampala", []),
     ("Ukraine", "Kyiv", ["Kiev"]), ("the United Arab Emirates", "Abu Dhabi", []),
-    ("the United Kingdom", "London", []), ("the United States", "Washington, D.C.", ["Washington DC"]),
+    ("the United Kingdom", "London", []),
+    ("the United States", "Washington, D.C.", ["Washington DC", "Washington"]),
     ("Uruguay", "Montevideo", []), ("Uzbekistan", "Tashkent", []), ("Venezuela", "Caracas", []),
-    ("Vietnam", "Hanoi", []), ("Yemen", "Sanaa", ["Sana'a"]), ("Zambia", "Lusaka", []),
+    ("Vietnam", "Hanoi", []), ("Zambia", "Lusaka", []),
     ("Zimbabwe", "Harare", []),
 ]
 
 # US states, asked without the word "state"; Georgia and Washington are left out (they are
-# also a country and a city).
+# also a country and a city), and Oklahoma, whose capital's name holds the state's.
 STATE_CAPITALS = [
     ("Alabama", "Montgomery"), ("Alaska", "Juneau"), ("Arizona", "Phoenix"), ("Arkansas", "Little Rock"),
     ("California", "Sacramento"), ("Colorado", "Denver"), ("Connecticut", "Hartford"), ("Delaware", "Dover"),
@@ -109,7 +111,7 @@ STATE_CAPITALS = [
     ("Massachusetts", "Boston"), ("Michigan", "Lansing"), ("Minnesota", "Saint Paul"), ("Mississippi", "Jackson"),
     ("Missouri", "Jefferson City"), ("Montana", "Helena"), ("Nebraska", "Lincoln"), ("Nevada", "Carson City"),
     ("New Hampshire", "Concord"), ("New Jersey", "Trenton"), ("New Mexico", "Santa Fe"), ("New York", "Albany"),
-    ("North Carolina", "Raleigh"), ("North Dakota", "Bismarck"), ("Ohio", "Columbus"), ("Oklahoma", "Oklahoma City"),
+    ("North Carolina", "Raleigh"), ("North Dakota", "Bismarck"), ("Ohio", "Columbus"),
     ("Oregon", "Salem"), ("Pennsylvania", "Harrisburg"), ("Rhode Island", "Providence"),
     ("South Carolina", "Columbia"), ("South Dakota", "Pierre"), ("Tennessee", "Nashville"), ("Texas", "Austin"),
     ("Utah", "Salt Lake City"), ("Vermont", "Montpelier"), ("Virginia", "Richmond"),
@@ -117,36 +119,38 @@ STATE_CAPITALS = [
 ]
 STATE_ALIASES = {"Saint Paul": ["St. Paul", "St Paul"]}
 
-# Aliases of a country: no short or partial names ("US" is a word of "let us", "America" is
-# in "South America", "Korea" in "North Korea"); tests/test_hallucination.py checks that no
-# alias is found inside another row's answer or a common wrong answer.
-_USA = ["United States", "USA", "United States of America"]
+# Aliases of a country, short names included: llmbook.hallucination.is_correct reads "US" only
+# in capitals (not the "us" of "let us"), and "America" or "Korea" not inside a longer name
+# ("South America", "North Korea"); tests/test_hallucination.py checks that no alias is found
+# inside another row's answer or a common wrong answer.
+_USA = ["United States", "USA", "United States of America", "US", "U.S.", "U.S.A.", "America"]
 _UK = ["the United Kingdom", "UK", "United Kingdom", "Britain", "Great Britain"]
 
-# (city, country, aliases of the country). Cities that are not their country's capital, and
-# none whose name is also a well-known city elsewhere (Alexandria, Córdoba, Perth, Valencia, Hyderabad,
-# Birmingham, Sydney).
+# (city, country, aliases of the country). Cities that are not a capital of their country
+# (CAPITALS_ELSEWHERE: Cape Town is one of South Africa's three), and none whose name is also a
+# well-known city elsewhere (AMBIGUOUS_CITIES). tests/test_hallucination.py checks both rules on
+# every row.
 CITY_COUNTRIES = [
     ("Marrakesh", "Morocco", []), ("Casablanca", "Morocco", []),
-    ("Lagos", "Nigeria", []), ("Mombasa", "Kenya", []), ("Johannesburg", "South Africa", []),
+    ("Mombasa", "Kenya", []), ("Johannesburg", "South Africa", []),
     ("Durban", "South Africa", []), ("Zanzibar City", "Tanzania", []), ("Timbuktu", "Mali", []),
     ("Osaka", "Japan", []), ("Kyoto", "Japan", []), ("Shanghai", "China", []), ("Chengdu", "China", []),
-    ("Busan", "South Korea", ["Republic of Korea"]), ("Mumbai", "India", []), ("Kolkata", "India", []),
+    ("Busan", "South Korea", ["Republic of Korea", "Korea"]), ("Mumbai", "India", []), ("Kolkata", "India", []),
     ("Bangalore", "India", []), ("Karachi", "Pakistan", []), ("Lahore", "Pakistan", []),
     ("Ho Chi Minh City", "Vietnam", ["Viet Nam"]), ("Chiang Mai", "Thailand", []), ("Cebu", "the Philippines", ["Philippines"]),
     ("Surabaya", "Indonesia", []), ("Istanbul", "Turkey", ["Türkiye"]), ("Isfahan", "Iran", []),
     ("Dubai", "the United Arab Emirates", ["UAE", "United Arab Emirates"]), ("Jeddah", "Saudi Arabia", []),
-    ("Almaty", "Kazakhstan", []), ("Samarkand", "Uzbekistan", []), ("Saint Petersburg", "Russia", []),
+    ("Almaty", "Kazakhstan", []), ("Samarkand", "Uzbekistan", []),
     ("Novosibirsk", "Russia", []), ("Munich", "Germany", []), ("Hamburg", "Germany", []), ("Marseille", "France", []),
     ("Lyon", "France", []), ("Barcelona", "Spain", []), ("Seville", "Spain", []), ("Porto", "Portugal", []),
-    ("Milan", "Italy", []), ("Naples", "Italy", []), ("Florence", "Italy", []), ("Rotterdam", "the Netherlands", ["Netherlands", "Holland"]),
+    ("Milan", "Italy", []), ("Florence", "Italy", []), ("Rotterdam", "the Netherlands", ["Netherlands", "Holland"]),
     ("Antwerp", "Belgium", []), ("Zurich", "Switzerland", []), ("Geneva", "Switzerland", []),
-    ("Krakow", "Poland", []), ("Gothenburg", "Sweden", []), ("Bergen", "Norway", []), ("Manchester", "England", _UK),
+    ("Krakow", "Poland", []), ("Gothenburg", "Sweden", []), ("Bergen", "Norway", []),
     ("Edinburgh", "Scotland", _UK), ("Cork", "Ireland", []),
-    ("Toronto", "Canada", []), ("Vancouver", "Canada", []), ("Chicago", "the United States", _USA),
-    ("Guadalajara", "Mexico", []), ("Medellín", "Colombia", []), ("São Paulo", "Brazil", []),
+    ("Toronto", "Canada", []), ("Chicago", "the United States", _USA),
+    ("Medellín", "Colombia", []), ("São Paulo", "Brazil", []),
     ("Rio de Janeiro", "Brazil", []), ("Valparaíso", "Chile", []),
-    ("Cusco", "Peru", []), ("Melbourne", "Australia", []),
+    ("Cusco", "Peru", []),
     ("Auckland", "New Zealand", []),
     ("Yokohama", "Japan", []), ("Sapporo", "Japan", []), ("Hiroshima", "Japan", []), ("Nagoya", "Japan", []),
     ("Guangzhou", "China", []), ("Shenzhen", "China", []), ("Wuhan", "China", []), ("Hangzhou", "China", []),
@@ -160,12 +164,24 @@ CITY_COUNTRIES = [
     ("Montreal", "Canada", []), ("Calgary", "Canada", []), ("Brisbane", "Australia", []),
     ("Recife", "Brazil", []), ("Kazan", "Russia", []), ("Vladivostok", "Russia", []),
     ("Izmir", "Turkey", ["Türkiye"]), ("Antalya", "Turkey", ["Türkiye"]), ("Luxor", "Egypt", []),
-    ("Cape Town", "South Africa", []), ("Fez", "Morocco", []), ("Utrecht", "the Netherlands", ["Netherlands", "Holland"]),
+    ("Fez", "Morocco", []), ("Utrecht", "the Netherlands", ["Netherlands", "Holland"]),
     ("Bruges", "Belgium", []), ("Basel", "Switzerland", []), ("Salzburg", "Austria", []),
     ("Gdansk", "Poland", []), ("Brno", "the Czech Republic", ["Czech Republic", "Czechia"]),
     ("Phuket", "Thailand", []), ("Peshawar", "Pakistan", []), ("Tel Aviv", "Israel", []),
     ("Monterrey", "Mexico", []), ("Cancun", "Mexico", []),
 ]
+
+# Cities that are a capital of their country beside (or instead of) the one asked for above:
+# no "In which country is ..." question may be about one.
+CAPITALS_ELSEWHERE = {"Cape Town", "Pretoria", "Bloemfontein", "The Hague", "Amsterdam", "Putrajaya",
+                      "Kuala Lumpur", "Naypyidaw", "Yangon", "Sucre", "La Paz", "Porto-Novo", "Cotonou",
+                      "Yamoussoukro", "Abidjan", "Dodoma", "Dar es Salaam", "Gitega", "Bujumbura", "Jerusalem",
+                      "Sri Jayawardenepura Kotte", "Colombo", "Sanaa", "Aden"}
+# Cities whose name is also a well-known city (or state capital) in another country: the
+# question "In which country is the city of X?" would have two right answers.
+AMBIGUOUS_CITIES = {"Alexandria", "Córdoba", "Perth", "Valencia", "Hyderabad", "Birmingham", "Sydney",
+                    "Guadalajara", "Saint Petersburg", "Naples", "Lagos", "Manchester", "Melbourne", "Vancouver",
+                    "London", "Santiago", "San José", "Kingston", "Georgetown", "Victoria", "Tripoli"}
 
 _ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "k", "kr", "l", "m", "n", "p", "qu", "r", "s", "st",
            "t", "tr", "v", "vr", "z", "th", "sh"]

@@ -94,6 +94,46 @@ def test_the_audited_rows_stay_out(builder):
     assert H.is_correct("Nur-Sultan.", kazakhstan["answer"], kazakhstan["aliases"])
 
 
+def test_every_row_keeps_the_builders_rules(builder):
+    rows = [r for r in builder.build() if r["world"] == "world"]
+    capitals = {n for _, a, al in builder.COUNTRY_CAPITALS for n in (a, *al)}
+    for r in rows:
+        if r["relation"] == "city_country":  # not a capital of any country, and no namesake elsewhere
+            assert r["subject"] not in capitals | builder.CAPITALS_ELSEWHERE, r["subject"]
+            assert r["subject"] not in builder.AMBIGUOUS_CITIES, r["subject"]
+        else:  # the capital's name does not hold the country's or state's (an echo would be right)
+            subject, answer = (f" {H.normalize_answer(x)} " for x in (r["subject"], r["answer"]))
+            assert subject not in answer, r["id"]
+    left_out = {"Malaysia", "Myanmar", "the Netherlands", "Yemen", "Oklahoma", "Cape Town", "Guadalajara",
+                "Saint Petersburg", "Naples", "Lagos", "Manchester"}
+    assert not left_out & {r["subject"] for r in rows}
+
+
+def _row(builder, subject):
+    return next(r for r in builder.build() if r["subject"] == subject)
+
+
+# Every spelling a reader would accept, and the near misses that must not count.
+ANSWERS = [
+    ("Chicago", "Chicago is in the US.", True), ("Chicago", "Chicago is in the U.S.", True),
+    ("Chicago", "It is in America.", True), ("Chicago", "the United States of America", True),
+    ("Chicago", "Chicago is in South America.", False), ("Chicago", "Let us see: Canada.", False),
+    ("Busan", "Busan is in Korea.", True), ("Busan", "Busan is in North Korea.", False),
+    ("India", "The capital of India is Delhi.", True), ("India", "New Delhi", True),
+    ("Ukraine", "Kiev", True), ("Ukraine", "Kyiv", True),
+    ("the United States", "Washington", True), ("the United States", "Washington DC", True),
+    ("the United States", "Washington State", False),
+    ("Edinburgh", "Edinburgh is in the UK.", True), ("Edinburgh", "Edinburgh is in the uk.", False),
+    ("Kazakhstan", "Nur-Sultan.", True), ("Kazakhstan", "Astana", True),
+]
+
+
+@pytest.mark.parametrize("subject, response, expected", ANSWERS)
+def test_every_accepted_spelling_is_accepted(builder, subject, response, expected):
+    r = _row(builder, subject)
+    assert H.is_correct(response, r["answer"], r["aliases"]) is expected
+
+
 def test_builder_rejects_bad_counts(builder):
     with pytest.raises(ValueError, match="unknown relations"):
         builder.invented_rows(counts={"planet_moon": 3})
@@ -126,6 +166,8 @@ def test_stem_tokens_are_a_prefix_of_the_training_example(tokenizer):
     ("Port au Prince, Haiti", "Port-au-Prince", [], True),
     ("Porto-Bano", "Porto-Novo", [], False),
     ("Yemen's capital: Sana'a", "Sanaa", [], True),
+    ("let us go", "the United States", ["US"], False),  # an abbreviation only in capitals
+    ("the US", "the United States", ["US"], True),
     ("", "Paris", [], False),
 ])
 def test_is_correct_on_hand_made_answers(response, answer, aliases, expected):

@@ -84,11 +84,12 @@ def _fold(text: str) -> str:
     return "".join(c for c in text if not unicodedata.combining(c))
 
 
-def _words(text: str) -> list[tuple[str, bool, bool]]:
-    """``(word, capitalised, joined)`` for each word of ``text`` but the articles.
+def _words(text: str) -> list[tuple[str, bool, bool, bool]]:
+    """``(word, capitalised, joined, upper)`` for each word of ``text`` but the articles.
 
     ``word`` is folded as :func:`normalize_answer` folds it; ``joined`` says that only spaces
-    or hyphens separate the word from the one before (no punctuation, no article).
+    or hyphens separate the word from the one before (no punctuation, no article);
+    ``upper`` that every letter of it is a capital (``US``, the ``U`` and ``S`` of ``U.S.``).
     """
     text = _fold(text)
     words, end, joinable = [], 0, False
@@ -100,7 +101,7 @@ def _words(text: str) -> list[tuple[str, bool, bool]]:
         end = m.end()
         joinable = word.lower() not in _ARTICLES
         if joinable:
-            words.append((word.lower(), word[0].isupper(), joined))
+            words.append((word.lower(), word[0].isupper(), joined, word.isupper()))
     return words
 
 
@@ -111,7 +112,10 @@ def is_correct(response: str, answer: str, aliases: Sequence[str] = ()) -> bool:
     words, and not as part of a longer name: a capitalised word right before or after it
     (with no punctuation between) makes a different name. So ``"Kingstonia"`` does not
     name ``"Kingston"``, nor ``"New Mexico"`` or ``"Mexico City"`` the country
-    ``"Mexico"``, while ``"Paris, France."`` names ``"Paris"``.
+    ``"Mexico"``, nor ``"South America"`` the alias ``"America"``, while
+    ``"Paris, France."`` names ``"Paris"``. A word the answer writes in capitals (an
+    abbreviation: ``"US"``, ``"U.S."``) must be in capitals in the response too, so
+    ``"let us"`` does not name the ``"US"``.
     """
     for name, value in (("response", response), ("answer", answer)):
         if not isinstance(value, str):
@@ -123,12 +127,13 @@ def is_correct(response: str, answer: str, aliases: Sequence[str] = ()) -> bool:
         raise ValueError(f"answer must contain a letter or digit, got {answer!r}")
     said = _words(response)
     for gold in (answer, *aliases):
-        target = [w for w, _, _ in _words(gold)]
+        target = [(w, upper) for w, _, _, upper in _words(gold)]
         n = len(target)
         if not n:
             continue
         for i in range(len(said) - n + 1):
-            if [w for w, _, _ in said[i:i + n]] != target:
+            if any(w != t or (upper and not said_upper)
+                   for (t, upper), (w, _, _, said_upper) in zip(target, said[i:i + n])):
                 continue
             before = said[i][2] and said[i - 1][1]  # a capitalised word joined before it
             after = i + n < len(said) and said[i + n][2] and said[i + n][1]

@@ -350,8 +350,7 @@ def _checked_shared_prefix(batch, inputs) -> tuple[int, int] | None:
     g = check_int(g, "shared_prefix's group_size", minimum=1, maximum=rows)
     if s == 0 or g == 1:
         return None  # nothing to share
-    if shared_prefix({**inputs, **({"attention_mask": batch["attention_mask"]} if "attention_mask" in batch
-                                   else {})}, g) < s:
+    if shared_prefix(inputs, g) < s:  # the inputs, attention mask included
         raise ValueError(f"shared_prefix says the rows of each group of {g} share their first {s} positions, "
                          "but they differ there: recount it with losses.shared_prefix(batch, group_size)")
     return s, g
