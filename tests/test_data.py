@@ -205,3 +205,12 @@ def test_harmlessness_answers_are_short(side, limit):
     assert len(sides[side]) == 24
     assert max(len(t.split()) for t in sides[side]) <= limit
     assert all(t.strip() == t and t[-1] in '.!"' for t in sides[side])
+
+
+def test_an_empty_system_message_is_honoured_and_none_is_the_templates_default(tokenizer):
+    default = data.chat_prompt(tokenizer, "Hi")
+    empty = data.chat_prompt(tokenizer, "Hi", "")
+    assert "SmolLM" in default and "SmolLM" not in empty
+    assert empty.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi")
+    with pytest.raises(TypeError, match="system must be a string or None"):
+        data.chat_prompt(tokenizer, "Hi", 3)

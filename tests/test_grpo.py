@@ -263,3 +263,27 @@ def test_bad_inputs_are_named():
         grpo.compute_loss(tiny(), a_batch())
     with pytest.raises(ValueError, match="completion_mask is 0 everywhere"):
         grpo.completion_logps(tiny(), {**a_batch(), "completion_mask": torch.zeros(4, 6, dtype=torch.long)})
+
+
+@pytest.mark.parametrize("junk", [math.nan, 100.0, -math.inf, math.inf])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_what_masked_positions_hold_reaches_neither_the_loss_nor_its_gradient(junk, loss_type):
+    # The reference: the same tensors with 0 at the masked positions.
+    g = torch.Generator().manual_seed(0)
+    logps = -torch.rand(3, 4, generator=g)
+    old, ref = logps - 0.1 * torch.rand(3, 4, generator=g), logps - 0.2
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]])
+    advantages = torch.tensor([1.0, -1.0, 0.5])
+
+    def loss_and_grad(fill):
+        x = torch.where(mask.bool(), logps, fill).requires_grad_()
+        o, r = torch.where(mask.bool(), old, 0.5 * fill), torch.where(mask.bool(), ref, -fill)
+        loss, metrics = grpo.grpo_loss(x, o, advantages, mask, ref_per_token_logps=r, beta=0.04, loss_type=loss_type)
+        loss.backward()
+        return loss.detach(), x.grad, metrics
+
+    clean, dirty = loss_and_grad(torch.tensor(0.0)), loss_and_grad(torch.tensor(junk))
+    torch.testing.assert_close(dirty[0], clean[0])
+    torch.testing.assert_close(dirty[1], clean[1])
+    assert dirty[2] == clean[2]
+    assert torch.isfinite(dirty[0]) and torch.isfinite(dirty[1]).all()

@@ -51,6 +51,14 @@ def data_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "data"
 
 
+class _NonStandardNumber(Exception):
+    """Raised by :func:`read_jsonl`'s parser on NaN, Infinity and -Infinity."""
+
+
+def _no_constant(name: str):
+    raise _NonStandardNumber(name)
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSON Lines file; a bare name is looked up in :func:`data_dir`."""
     path = Path(path)
@@ -66,9 +74,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                                  f"column {error.start + 1}); JSON Lines files are UTF-8") from error
             if line.strip():
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line, parse_constant=_no_constant)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+                except _NonStandardNumber as error:
+                    raise ValueError(f"{path}:{number}: {error} is not a JSON number (write_jsonl refuses "
+                                     "NaN and infinities as well); write null or a finite number") from None
+                except RecursionError:
+                    raise ValueError(f"{path}:{number}: nested too deeply to read") from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}:{number}: a row must be a JSON object {{...}}, got a {type(row).__name__}")
                 rows.append(row)
@@ -113,11 +126,18 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
 def _messages(prompt: str, system: str | None) -> list[dict]:
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if system is not None and not isinstance(system, str):
+        raise TypeError(f"system must be a string or None (the template's default), got {type(system).__name__}")
+    # None: the template's own default system message; "" is honoured as an empty one
+    return ([] if system is None else [{"role": "system", "content": system}]) + [{"role": "user", "content": prompt}]
 
 
 def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
-    """The chat-formatted prompt text, ending where the assistant's answer begins."""
+    """The chat-formatted prompt text, ending where the assistant's answer begins.
+
+    ``system=None`` lets the template add its default system message (SmolLM2's names the
+    model); ``system=""`` writes an empty one instead.
+    """
     return tokenizer.apply_chat_template(_messages(prompt, system), add_generation_prompt=True, tokenize=False)
 
 
@@ -284,8 +304,10 @@ class CompletionCollator:
     the answer. Returns ``input_ids``, ``attention_mask`` and ``labels``, right-padded.
 
     Raises:
-        ValueError: if a prompt's tokens change when its answer is appended (the prompt's
-            last token would merge with the answer's first: the mask would cut a token).
+        TypeError: if a prompt or answer is not a string.
+        ValueError: if a prompt ends with white space, an answer is blank, or a prompt's
+            tokens change when its answer is appended (the prompt's last token would merge
+            with the answer's first: the mask would cut a token).
     """
 
     def __init__(self, tokenizer, *, end: str = ""):
@@ -300,6 +322,15 @@ class CompletionCollator:
             missing = {"prompt", "answer"} - set(r)
             if missing:
                 raise ValueError(f"rows[{i}] needs 'prompt' and 'answer'; missing {sorted(missing)}")
+            for key in ("prompt", "answer"):
+                if not isinstance(r[key], str):
+                    raise TypeError(f"rows[{i}][{key!r}] must be a string, got {type(r[key]).__name__}")
+            if not r["answer"].strip():
+                raise ValueError(f"rows[{i}]['answer'] must hold a word, got {r['answer']!r}: the collator "
+                                 "writes prompt + ' ' + answer, and a space alone is no answer")
+            if r["prompt"] != r["prompt"].rstrip():
+                raise ValueError(f"rows[{i}]['prompt'] ends with white space ({r['prompt'][-12:]!r}); the collator "
+                                 "adds the one space before the answer itself")
             prompt = self.tokenizer(r["prompt"], add_special_tokens=False).input_ids
             full = self.tokenizer(f"{r['prompt']} {r['answer']}{self.end}", add_special_tokens=False).input_ids
             if full[: len(prompt)] != prompt:

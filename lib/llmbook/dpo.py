@@ -144,6 +144,13 @@ def _check_batch(batch: Mapping) -> None:
         if len(shapes) != 1 or batch[f"{side}_attention_mask"].dim() != 2:
             raise ValueError(f"{side}_{names[0]}, _attention_mask and _labels must share one (B, T) shape, "
                              f"got {shapes}")
+    if names[0] == "input_ids":  # labels are the tokens themselves (not shifted), or -100
+        for side in _SIDES:
+            labels, ids = batch[f"{side}_labels"], batch[f"{side}_input_ids"]
+            wrong = ((labels != -100) & (labels != ids)).any(dim=1).nonzero().flatten().tolist()
+            if wrong:
+                raise ValueError(f"{side}_labels rows {wrong} disagree with {side}_input_ids: a label must be the "
+                                 "token at its position (not shifted) or -100")
     n_chosen, n_rejected = batch["chosen_labels"].shape[0], batch["rejected_labels"].shape[0]
     if n_chosen != n_rejected:
         raise ValueError(
@@ -289,6 +296,9 @@ def _check_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
     for name, value in named.items():
         if not torch.isfinite(value).all():
             raise ValueError(f"{name} has non-finite values ({value.tolist()}); a log-probability must be finite")
+        if (value > 0).any():
+            raise ValueError(f"{name} has positive values (largest {value.max().item():.4g}); the log-probability "
+                             "of an answer is at most 0: pass log-probabilities, not probabilities or losses")
     # Half-precision log-probabilities are computed in float32, as llmbook.losses does: a bf16
     # difference of two sums of hundreds of log-probs keeps 2 to 3 digits.
     return tuple(v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for v in named.values())
@@ -394,6 +404,9 @@ def preference_eval(
     """
     if stop_token_id is not None:
         stop_token_id = check_int(stop_token_id, "stop_token_id", minimum=0)
+    if isinstance(batches, (str, bytes, Mapping)) or not isinstance(batches, Iterable):
+        raise TypeError(f"batches must be a list of preference batches (dicts), got {type(batches).__name__}"
+                        + (": wrap one batch as [batch]" if isinstance(batches, Mapping) else ""))
     out: dict[str, list] = {key: [] for key in ("policy", "ref", "p_stop", "p_stop_ref")}
     kl_total, n_tokens = 0.0, 0
     with eval_mode(model):
@@ -500,7 +513,11 @@ def compute_loss(
     beta = check_real(beta, "beta", low=0.0, low_open=True)
     if record is not None and not isinstance(record, list):
         raise TypeError(f"record must be a list (or None), got {type(record).__name__}")
-    if "ref_chosen_logps" in batch and "ref_rejected_logps" in batch:
+    given = [key for key in ("ref_chosen_logps", "ref_rejected_logps") if key in batch]
+    if len(given) == 1:
+        raise ValueError(f"batch holds {given[0]} but not the other reference log-probabilities: give both "
+                         "(with_reference_logps adds them) or neither (they are then computed)")
+    if given:
         ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     else:
         ref_chosen, ref_rejected = reference_logps(model, batch, ref_model)

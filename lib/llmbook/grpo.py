@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import torch
 
 from llmbook import losses, sampling
-from llmbook._checks import check_bool, check_float_tensor, check_int, check_real, check_tensor
+from llmbook._checks import check_bool, check_float_tensor, check_int, check_int_tensor, check_real, check_tensor
 from llmbook.models import _decoder_layers
 from llmbook.utils import eval_mode
 
@@ -99,15 +99,16 @@ def completion_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) 
     batch holds ``inputs_embeds`` ``(B, P + C, H)`` (a :func:`rollout` with ``top_layers=k``),
     those go in instead of the ids: ``model`` is then a :func:`llmbook.models.top_layers` copy.
     """
-    logps, _ = losses.answer_logps(model, _scored_inputs(_checked(batch)))
+    logps, _ = losses.answer_logps(model, _scored_inputs(_checked(batch, model)))
     C = batch["completion_ids"].shape[1]
     out = logps.new_zeros(batch["prompt_ids"].shape[0], C)  # answer_logps covers the columns from the first scored one on
     out[:, C - logps.shape[1]:] = logps
     return out
 
 
-def _checked(batch):
-    """``batch`` if it holds a prompt and a completion of matching shapes, with a completion token."""
+def _checked(batch, model=None):
+    """``batch`` if it holds a prompt and a completion of matching shapes, with a completion token
+    (and, given the ``model``, token ids of its vocabulary)."""
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a dict of prompt_ids, prompt_mask, completion_ids, completion_mask, "
                         f"got {type(batch).__name__}")
@@ -123,6 +124,12 @@ def _checked(batch):
                          f"{tuple(completion_mask.shape)}")
     if not completion_mask.bool().any():
         raise ValueError("completion_mask is 0 everywhere: there is no completion token to score")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    for name in ("prompt_ids", "completion_ids"):
+        ids = check_int_tensor(batch[name], name)
+        if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"{name} must hold token ids in [0, {vocab}) (the model's vocabulary), got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
     return batch
 
 
@@ -167,7 +174,9 @@ def grpo_loss(
             At the first step on fresh samples they are ``per_token_logps.detach()``: the ratio is
             1 and the loss's gradient is the plain policy gradient.
         advantages: ``(B,)`` from :func:`group_advantages`.
-        completion_mask: ``(B, C)``, 1 on the completion's tokens.
+        completion_mask: ``(B, C)``, 1 on the completion's tokens, 0 elsewhere (bool, integer
+            or float 0/1). What the other tensors hold where it is 0 (padding, NaN, infinities)
+            reaches neither the loss nor its gradient.
         ref_per_token_logps: ``(B, C)`` under the reference; needed when ``beta > 0``.
         beta: the KL penalty's weight ($\beta \ge 0$).
         epsilon, epsilon_high: the clipping range $[1 - \epsilon, 1 + \epsilon_{\mathrm{high}}]$
@@ -210,7 +219,18 @@ def grpo_loss(
     max_completion_length = C if max_completion_length is None else check_int(
         max_completion_length, "max_completion_length", minimum=C)
 
-    mask = completion_mask.to(per_token_logps.dtype)
+    if completion_mask.is_complex() or not bool(((completion_mask == 0) | (completion_mask == 1)).all()):
+        raise ValueError(f"completion_mask must hold only 0 (not a completion token) and 1, got values "
+                         f"{completion_mask.unique().tolist()[:8]}")
+    keep = completion_mask.bool()
+    mask = keep.to(per_token_logps.dtype)
+
+    def masked(x):  # 0 off the completion: padding's values (NaN, inf) must not reach the loss or its gradient
+        return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    per_token_logps, old_per_token_logps = masked(per_token_logps), masked(old_per_token_logps)
+    if ref_per_token_logps is not None:
+        ref_per_token_logps = masked(ref_per_token_logps)
     ratio = torch.exp(per_token_logps - old_per_token_logps)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
     A = advantages[:, None]
@@ -350,6 +370,8 @@ def compute_loss(
     """
     if not isinstance(batch, Mapping) or "advantages" not in batch:
         raise ValueError("batch must be a dict from rollout() with 'advantages' added (group_advantages)")
+    if "rewards" in batch:
+        check_tensor(batch["rewards"], "rewards")
     if num_generations is not None:
         num_generations = check_int(num_generations, "num_generations", minimum=2)
         if "rewards" not in batch or batch["rewards"].numel() % num_generations:
@@ -376,7 +398,7 @@ def _logps_and_entropy(model, batch) -> tuple[torch.Tensor, float]:
     The head projects the completion's positions only (:func:`llmbook.losses.labelled_logits`);
     the same log-softmax gives each token's log-probability and the whole distribution's entropy.
     """
-    inputs = _scored_inputs(_checked(batch))
+    inputs = _scored_inputs(_checked(batch, model))
     logits, scored = losses.labelled_logits(model, inputs)  # (n, V) at the n completion tokens
     logp = torch.log_softmax(logits.float(), dim=-1)
     target = inputs["labels"][:, 1:][scored]

@@ -78,6 +78,9 @@ class LoRALinear(nn.Module):
         # The adapter trains in float32 (or float64) whatever the base weight's dtype, as PEFT
         # does: in bf16, Adam's small updates would round away against the 8-bit mantissa.
         dtype = base.weight.dtype if base.weight.dtype in (torch.float32, torch.float64) else torch.float32
+        if self.scaling > torch.finfo(dtype).max:  # the update would be inf, then NaN on the first forward
+            raise ValueError(f"lora_alpha ({lora_alpha:g}) makes the scaling alpha/r = {self.scaling:g} larger than "
+                             f"{dtype} can hold ({torch.finfo(dtype).max:.3g}); use a lora_alpha of the order of r")
         factory = dict(device=base.weight.device, dtype=dtype)
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)  # weight (r, in)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)  # weight (out, r)

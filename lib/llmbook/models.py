@@ -66,7 +66,7 @@ from pathlib import Path
 
 import torch
 
-from llmbook._checks import check_bool, check_int
+from llmbook._checks import check_bool, check_int, check_int_tensor
 from llmbook.sampling import generate_answers
 from llmbook.utils import cpu_capability, cpu_has_native_bf16, umask
 
@@ -627,6 +627,11 @@ def top_layer_inputs(model, batch, k: int) -> dict:
     layers, k = _decoder_layers(model, k)
     if not isinstance(batch, dict) or "input_ids" not in batch:
         raise TypeError("batch must be a dict with input_ids (and attention_mask, labels)")
+    ids = check_int_tensor(batch["input_ids"], "input_ids")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"input_ids must hold token ids in [0, {vocab}) (the model's vocabulary), got values in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
     mask = batch.get("attention_mask")
 
     def stop(module, args, kwargs):  # the input of layer L - k is all we need: stop there

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 
+from llmbook._checks import check_int, check_real
+
 __all__ = ["frame_slider"]
 
 
@@ -70,13 +72,25 @@ def frame_slider(
         raise TypeError(f"draw must be callable as draw(ax, **values), got {type(draw).__name__}")
     if not grids:
         raise ValueError("give at least one grid of values, e.g. beta=[0.01, 0.1, 1]")
+    width = check_real(width, "width", low=0.0, low_open=True)
+    height = check_real(height, "height", low=0.0, low_open=True)
+    dpi = check_int(dpi, "dpi", minimum=1)
+    colors = check_int(colors, "colors", minimum=2, maximum=256, hint="(the colours of a palette PNG)")
     values = {}
     for name, grid in grids.items():
         if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) == 0:
             raise ValueError(f"grid {name!r} must be a non-empty list of values, got {grid!r}")
+        if any(v != v for v in grid):
+            raise ValueError(f"grid {name!r} holds NaN, a value no slider position can stand for: {list(grid)}")
         if len({_label(v) for v in grid}) != len(grid):
             raise ValueError(f"grid {name!r} has values that print alike: {[_label(v) for v in grid]}")
+        same = [(a, b) for i, a in enumerate(grid) for b in grid[i + 1:] if a == b]
+        if same:  # True == 1 and 0.0 == -0.0: one frame would serve two positions
+            raise ValueError(f"grid {name!r} has values that compare equal, {same[0][0]!r} and {same[0][1]!r}: "
+                             "give each slider position a value of its own")
         values[name] = list(grid)
+    if start is not None and not isinstance(start, Mapping):
+        raise TypeError(f"start must be a dict of grid name -> value, got {start!r}")
     start = dict(start or {})
     unknown = sorted(set(start) - set(values))
     if unknown:
