@@ -404,6 +404,34 @@ def test_a_full_disk_is_named_with_the_remedy(fake_cache, monkeypatch):
     assert not final.exists()
 
 
+def test_a_full_disk_worded_by_the_writer_library_is_named_with_the_remedy(fake_cache, monkeypatch):
+    # safetensors reports a full disk in an exception of its own, not an OSError
+    final, _ = fake_cache
+
+    def full(source, out):
+        raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                           '"No space left on device" })')
+
+    monkeypatch.setattr(models, "_convert_gguf", full)
+    with pytest.raises(models.ModelCacheError, match=rf"model cache {final} \(No space left on device\).*free some "
+                                                     r"space there or set LLMBOOK_CACHE") as raised:
+        models.default_model_path()
+    assert "reinstall" not in str(raised.value)
+    assert not final.exists()
+
+
+def test_a_folder_that_refuses_the_conversion_folder_is_named_with_the_remedy(fake_cache, monkeypatch):
+    final, _ = fake_cache
+
+    def refuse(prefix, dir):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
+
+    monkeypatch.setattr(models.tempfile, "mkdtemp", refuse)
+    with pytest.raises(models.ModelCacheError, match=rf"cannot create a folder in {final.parent}: Permission denied"
+                                                     r".*LLMBOOK_CACHE"):
+        models.default_model_path()
+
+
 def test_a_damaged_gguf_is_named_with_the_reinstall_command(fake_cache, monkeypatch):
     final, _ = fake_cache
 

