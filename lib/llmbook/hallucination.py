@@ -186,6 +186,14 @@ def probe(model, tokenizer, rows: Sequence[dict], *, systems: Sequence[str], num
             isinstance(x, str) for x in systems):
         raise ValueError(f"systems must be a non-empty list of system messages (str), got {systems!r:.80}")
     num_samples = check_int(num_samples, "num_samples", minimum=1, hint="(to tell WeaklyKnown from Unknown)")
+    if isinstance(rows, (str, dict)) or not isinstance(rows, Sequence) or not rows:
+        raise ValueError(f"rows must be a non-empty list of dicts with 'question' and 'answer', got {rows!r:.80}")
+    for i, row in enumerate(rows):  # before any generation: a bad row would otherwise surface at the end
+        if not isinstance(row, dict):
+            raise TypeError(f"rows[{i}] must be a dict with 'question' and 'answer', got {type(row).__name__}")
+        for key in ("question", "answer"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise ValueError(f"rows[{i}] needs a non-empty string {key!r}, got {row.get(key)!r}")
     stems = [r["stem"] for r in rows] if all("stem" in r for r in rows) else None
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["question"]) + len(stems[i] if stems else ""))
     runs = [generate_answers(model, tokenizer, [rows[i]["question"] for i in order],

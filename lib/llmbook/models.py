@@ -107,6 +107,19 @@ class ModelCacheError(ModelNotAvailableError):
 DEVICE_ENV, DTYPE_ENV = "LLMBOOK_DEVICE", "LLMBOOK_DTYPE"
 
 
+def _device(device) -> torch.device:
+    """``device`` as a ``torch.device``, or an error naming the argument and what is allowed."""
+    if isinstance(device, torch.device):
+        return device
+    try:
+        if not isinstance(device, str):
+            raise TypeError
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a string such as 'cpu', 'cuda', 'cuda:0' or 'mps', "
+                         f"got {device!r}") from None
+
+
 def pick_device() -> torch.device:
     """Where the book runs: ``$LLMBOOK_DEVICE`` if set, else CUDA when present, else the CPU.
 
@@ -548,7 +561,7 @@ def load_model(name: str | os.PathLike | None = None, *, device=None, dtype=None
     name = name or os.environ.get("LLMBOOK_MODEL") or DEFAULT_MODEL
     if not isinstance(name, (str, os.PathLike)):
         raise TypeError(f"name must be a model id or a path, got {type(name).__name__}")
-    device = torch.device(device) if device is not None else pick_device()
+    device = _device(device) if device is not None else pick_device()
     dtype = resolve_dtype(dtype, device)
 
     if str(name) in (DEFAULT_MODEL, HUB_ID):
@@ -721,5 +734,5 @@ def tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = _device(device) if device is not None else torch.device("cpu")
     return model.to(device=device, dtype=dtype).eval()

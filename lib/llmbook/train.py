@@ -166,6 +166,9 @@ def train(
             for _ in range(grad_accum_steps):
                 out = loss_fn(model, move_to(next(stream), device))
                 loss, metrics = out if isinstance(out, tuple) else (out, {})
+                if not torch.is_tensor(loss):
+                    raise TypeError(f"loss_fn must return the loss as a tensor (or (loss, metrics)), got "
+                                    f"{type(loss).__name__}: a number has no gradient to train with")
                 if loss.dim() != 0:
                     raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
                 if not torch.isfinite(loss):
