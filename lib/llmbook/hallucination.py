@@ -43,6 +43,7 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from llmbook._checks import check_int, check_real
@@ -142,6 +143,19 @@ def is_correct(response: str, answer: str, aliases: Sequence[str] = ()) -> bool:
     return False
 
 
+def _verdicts(value, name: str) -> list[bool]:
+    """``value`` as a list of verdicts: a non-empty list (or bool tensor/array) of True/False only."""
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        value = value.tolist()  # a torch or numpy array of bools
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, Sequence) or not len(value):
+        raise ValueError(f"{name} must be a non-empty list of verdicts (True/False), got {value!r:.80}")
+    wrong = [v for v in value if not isinstance(v, (bool, np.bool_))]
+    if wrong:
+        raise TypeError(f"{name} must hold verdicts True/False only, got {wrong[0]!r} ({type(wrong[0]).__name__}); "
+                        "a number or a string there would count as True")
+    return [bool(v) for v in value]
+
+
 def knowledge_category(greedy_correct: Sequence[bool], samples_correct: Sequence[bool]) -> str:
     """The paper's category of one question (see the module docs).
 
@@ -149,9 +163,8 @@ def knowledge_category(greedy_correct: Sequence[bool], samples_correct: Sequence
         greedy_correct: the verdict on the greedy answer under each prompt.
         samples_correct: the verdicts on the sampled answers (all prompts together).
     """
-    for name, value in (("greedy_correct", greedy_correct), ("samples_correct", samples_correct)):
-        if isinstance(value, (bool, str)) or not isinstance(value, Sequence) or not len(value):
-            raise ValueError(f"{name} must be a non-empty list of verdicts (bool), got {value!r:.80}")
+    greedy_correct = _verdicts(greedy_correct, "greedy_correct")
+    samples_correct = _verdicts(samples_correct, "samples_correct")
     if all(greedy_correct):
         return "HighlyKnown"
     if any(greedy_correct):
@@ -194,6 +207,9 @@ def probe(model, tokenizer, rows: Sequence[dict], *, systems: Sequence[str], num
         for key in ("question", "answer"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise ValueError(f"rows[{i}] needs a non-empty string {key!r}, got {row.get(key)!r}")
+        aliases = row.get("aliases", [])
+        if not isinstance(aliases, (list, tuple)) or not all(isinstance(a, str) for a in aliases):
+            raise TypeError(f"rows[{i}]['aliases'] must be a list of strings, got {aliases!r:.60}")
     stems = [r["stem"] for r in rows] if all("stem" in r for r in rows) else None
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["question"]) + len(stems[i] if stems else ""))
     runs = [generate_answers(model, tokenizer, [rows[i]["question"] for i in order],
@@ -219,9 +235,8 @@ def probe(model, tokenizer, rows: Sequence[dict], *, systems: Sequence[str], num
 
 def accuracy(correct: Sequence[bool]) -> float:
     """The share of ``True`` in ``correct``."""
-    if len(correct) == 0:
-        raise ValueError("correct is empty")
-    return sum(bool(c) for c in correct) / len(correct)
+    correct = _verdicts(correct, "correct")
+    return sum(correct) / len(correct)
 
 
 def confident_wrong_rate(correct: Sequence[bool], confidence: Sequence[float], threshold: float = 0.5) -> float:
@@ -230,9 +245,11 @@ def confident_wrong_rate(correct: Sequence[bool], confidence: Sequence[float], t
     With ``confidence`` the probability of the greedy answer, this counts the answers
     the model states as if it knew them, but which are false.
     """
+    correct = _verdicts(correct, "correct")
+    if hasattr(confidence, "tolist") and not isinstance(confidence, (list, tuple)):
+        confidence = confidence.tolist()
     if len(correct) != len(confidence):
         raise ValueError(f"correct ({len(correct)}) and confidence ({len(confidence)}) differ in length")
-    if len(correct) == 0:
-        raise ValueError("correct is empty")
+    confidence = [check_real(p, "confidence", low=0.0, high=1.0) for p in confidence]
     threshold = check_real(threshold, "threshold", low=0.0, high=1.0)
     return sum((not c) and p >= threshold for c, p in zip(correct, confidence)) / len(correct)

@@ -219,6 +219,11 @@ def apply_lora(
             raise TypeError(f"target_modules must name nn.Linear layers; {name!r} is a {kind} "
                             f"({len(wrong)} non-Linear match(es) in all)")
         chosen = [n for n, _ in matches]
+        unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n, _ in matches)]
+        if chosen and unmatched:  # a misspelt name would be left out without a word
+            suffixes = sorted({n.split(".")[-1] for n in names})
+            raise ValueError(f"target_modules {unmatched} match no linear layer (the others do); the model has "
+                             f"{suffixes}")
     if not chosen:
         suffixes = sorted({n.split(".")[-1] for n in names})
         raise ValueError(f"target_modules {list(target_modules)} match no linear layer; the model has {suffixes}")
@@ -256,6 +261,7 @@ def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA layers to merge")
+    unload = check_bool(unload, "unload")
     for layer in layers:
         if not layer.merged:
             layer.merge()

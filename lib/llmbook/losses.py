@@ -244,6 +244,7 @@ def answer_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
     if not isinstance(batch, Mapping) or "labels" not in batch:
         raise TypeError("batch must be a dict with 'labels' and the model's inputs (input_ids, attention_mask)")
     labels = check_tensor(batch["labels"], "labels")
+    _check_model_batch(model, batch, ignore_index)
     T = labels.shape[-1]
     keep = logits_to_keep(labels, ignore_index)
     head = _output_head(model)
@@ -271,11 +272,42 @@ def response_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> 
     if not isinstance(batch, Mapping) or "labels" not in batch:
         raise TypeError("batch must be a dict with 'labels' and the model's inputs (input_ids, attention_mask)")
     labels = check_int_tensor(batch["labels"], "labels")
+    _check_model_batch(model, batch)
     head = _output_head(model)
     if head is None or getattr(head, "bias", None) is not None:
         logps, mask = answer_logps(model, batch)  # (B, K - 1) each, logps 0 where mask is False
         return -logps.sum() / mask.sum()
     return chunked_sft_loss(_last_hidden(model, batch), head.weight, labels)
+
+
+def _check_model_batch(model, batch: Mapping, ignore_index: int = IGNORE_INDEX) -> None:
+    """The inputs and labels of ``batch`` agree in shape and hold token ids of ``model``'s vocabulary.
+
+    A label or mask of another shape would otherwise be broadcast or cut, and return numbers."""
+    ids = batch.get("input_ids")
+    embeds = batch.get("inputs_embeds")
+    if ids is None and embeds is None:
+        raise TypeError("batch must hold input_ids (or inputs_embeds) as well as labels")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if ids is not None:
+        check_int_tensor(ids, "input_ids")
+        if ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (B, T), got {tuple(ids.shape)}")
+        if vocab is not None:
+            _check_token_range(ids, vocab, "input_ids")
+    shape = tuple((ids if ids is not None else embeds).shape[:2])
+    if shape[1] == 0:
+        raise ValueError(f"the batch's sequences are empty (shape {shape}): give each row at least one token")
+    labels = check_int_tensor(batch["labels"], "labels")
+    if tuple(labels.shape) != shape:
+        raise ValueError(f"labels must have the inputs' shape {shape} (not shifted), got {tuple(labels.shape)}")
+    if vocab is not None:
+        _check_token_range(labels[labels != ignore_index], vocab, "labels")
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        check_tensor(mask, "attention_mask")
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"attention_mask must have the inputs' shape {shape}, got {tuple(mask.shape)}")
 
 
 def _output_head(model: torch.nn.Module):
@@ -402,6 +434,7 @@ def labelled_logits(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
     ignore_index = check_int(ignore_index, "ignore_index")
     if labels.dim() != 2:
         raise ValueError(f"labels must have shape (B, T), got {tuple(labels.shape)}")
+    _check_model_batch(model, batch, ignore_index)
     scored = labels[:, 1:] != ignore_index
     head = _output_head(model)
     if head is not None:
@@ -480,6 +513,8 @@ def sft_loss_by_group(model: torch.nn.Module, batch: Mapping[str, torch.Tensor])
     if not torch.is_tensor(unknown) or tuple(unknown.shape) != (B,):
         got = tuple(unknown.shape) if torch.is_tensor(unknown) else type(unknown).__name__
         raise ValueError(f"unknown must have shape ({B},), one flag per example, got {got}")
+    if unknown.dtype != torch.bool:
+        raise TypeError(f"unknown must be a bool tensor (True: the example is Unknown), got {unknown.dtype}")
     scores = answer_scores(model, batch)
     logps = scores["token_logps"]
     loss = -logps.mean()  # the value response_loss gives

@@ -669,6 +669,12 @@ def top_layer_inputs(model, batch, k: int) -> dict:
         raise ValueError(f"input_ids must hold token ids in [0, {vocab}) (the model's vocabulary), got values in "
                          f"[{int(ids.min())}, {int(ids.max())}]")
     mask = batch.get("attention_mask")
+    for name in ("attention_mask", "labels"):
+        if batch.get(name) is not None:
+            value = batch[name]
+            if not torch.is_tensor(value) or tuple(value.shape) != tuple(ids.shape):
+                got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"{name} must be a tensor of input_ids' shape {tuple(ids.shape)}, got {got}")
 
     def stop(module, args, kwargs):  # the input of layer L - k is all we need: stop there
         raise _LayerReached(args[0] if args else kwargs["hidden_states"])

@@ -70,6 +70,14 @@ class History(dict):
 
 def move_to(batch, device: torch.device):
     """Move every tensor in a (nested) dict, list or tuple to ``device``."""
+    if not isinstance(device, (torch.device, str)):
+        raise TypeError(f"device must be a torch.device or a string such as 'cpu', got {device!r}")
+    if isinstance(device, str):
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device must be a device torch knows ('cpu', 'cuda', 'cuda:0', 'mps'), got "
+                             f"{device!r}") from None
     if torch.is_tensor(batch):
         return batch.to(device)
     if isinstance(batch, Mapping):
@@ -142,6 +150,12 @@ def train(
         raise TypeError(f"callback must be callable as callback(step, metrics), got {type(callback).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+    if torch.is_tensor(batches) or isinstance(batches, (Mapping, str, bytes)) or not isinstance(batches, Iterable):
+        raise TypeError(f"batches must be an iterable of batches (a list or a DataLoader), got "
+                        f"{type(batches).__name__}" + ("; wrap one batch as [batch]" if isinstance(
+                            batches, Mapping) or torch.is_tensor(batches) else ""))
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or None for AdamW), got {type(optimizer).__name__}")
     params = trainable_parameters(model)
     if not params:
         raise ValueError("model has no trainable parameters (every parameter has requires_grad=False)")
@@ -171,6 +185,9 @@ def train(
                                     f"{type(loss).__name__}: a number has no gradient to train with")
                 if loss.dim() != 0:
                     raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
+                if not loss.requires_grad:
+                    raise ValueError("loss_fn's loss has no gradient: it was computed under torch.no_grad, or from "
+                                     "no trainable parameter (check requires_grad)")
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"loss became {loss.item()} at step {step}: lower lr (now {lr}) or check the data"
@@ -185,6 +202,9 @@ def train(
                 grad_norm = torch.linalg.vector_norm(
                     torch.stack([p.grad.detach().norm() for p in params if p.grad is not None])
                 )
+            if not torch.isfinite(grad_norm):  # the step would write NaN into the weights
+                raise FloatingPointError(f"the gradient norm became {float(grad_norm)} at step {step} (the loss was "
+                                         "finite): the loss_fn has a NaN or infinite gradient; no step was taken")
             optimizer.step()
             history.log(
                 step=step,

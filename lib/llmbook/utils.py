@@ -312,8 +312,16 @@ def paired_bootstrap(a, b, *, seeds: bool = False, resamples: int = 10_000, leve
     Returns:
         ``(mean, low, high)``. Chapters 5 and 8 use it.
     """
-    a = torch.as_tensor(a, dtype=torch.float64)
-    b = torch.as_tensor(b, dtype=torch.float64)
+    named = {}
+    for name, value in (("a", a), ("b", b)):
+        try:
+            named[name] = torch.as_tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be numbers (a list or array of per-question scores), got {value!r:.60}") \
+                from None
+        if not torch.isfinite(named[name]).all():
+            raise ValueError(f"{name} holds NaN or infinite scores; every question needs a finite score")
+    a, b = named["a"], named["b"]
     if a.shape != b.shape or a.dim() not in (1, 2) or a.shape[-1] < 2:
         raise ValueError(f"a and b must have the same shape, (seeds, questions) or (questions,) with at least "
                          f"2 questions; got {tuple(a.shape)} and {tuple(b.shape)}")
