@@ -148,3 +148,16 @@ def test_callback_sees_each_step_and_can_stop_training():
     assert [loss for _, loss in seen] == history["loss"]
     with pytest.raises(TypeError, match="callback must be callable"):
         train(model, [(x, y)], lambda m, b: m(b[0]).sum(), steps=1, callback=3, progress=False)
+
+
+def test_history_mean_leaves_out_the_steps_a_metric_was_not_logged_at():
+    h = History()
+    h.log(step=1, loss=2.0)
+    h.log(step=2, loss=1.0, acc=0.5)
+    h.log(step=3, loss=0.5, acc=0.7)
+    assert h["acc"][0] != h["acc"][0], "an unlogged step holds NaN"
+    assert h.mean("acc") == pytest.approx(0.6) and h.mean("acc", last=1) == pytest.approx(0.7)
+    assert h.mean("loss") == pytest.approx(3.5 / 3)
+    h.log(step=4, loss=0.1)
+    with pytest.raises(ValueError, match="'acc' was not logged at any of these steps"):
+        h.mean("acc", last=1)

@@ -470,6 +470,9 @@ def answer_scores(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
     if not isinstance(batch, Mapping) or "labels" not in batch:
         raise TypeError("batch must be a dict with 'labels' and the model's inputs (input_ids, attention_mask)")
     labels = check_int_tensor(batch["labels"], "labels")
+    ignore_index = check_int(ignore_index, "ignore_index")
+    if labels.dim() != 2:
+        raise ValueError(f"labels must have shape (B, T), got {tuple(labels.shape)}")
     target = labels[:, 1:]
     scored = target != ignore_index  # (B, T - 1): position t predicts label t + 1
     if not scored.any(dim=1).all():
@@ -508,6 +511,8 @@ def sft_loss_by_group(model: torch.nn.Module, batch: Mapping[str, torch.Tensor])
     """
     if not isinstance(batch, Mapping) or "unknown" not in batch:
         raise ValueError("batch needs an 'unknown' entry: a bool tensor of shape (B,) (llmbook.data.QACollator)")
+    if "labels" not in batch:
+        raise TypeError("batch must be a dict with 'labels' and the model's inputs (llmbook.data.QACollator)")
     unknown = batch["unknown"]
     B = batch["labels"].shape[0]
     if not torch.is_tensor(unknown) or tuple(unknown.shape) != (B,):

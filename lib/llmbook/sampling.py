@@ -750,6 +750,9 @@ def generate_answers(
                             hint="" if greedy else "(with greedy=False there must be samples)")
     batch_size = check_int(batch_size, "batch_size", minimum=1)
     share_prefix = check_bool(share_prefix, "share_prefix")
+    if not hasattr(tokenizer, "pad_token_id") or not callable(tokenizer):
+        raise TypeError(f"tokenizer must be the model's tokenizer (load_model returns both), got "
+                        f"{type(tokenizer).__name__}")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
     stop = stop_token_ids(model, tokenizer)

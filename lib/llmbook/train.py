@@ -61,10 +61,15 @@ class History(dict):
         return self._column(key)[-1]
 
     def mean(self, key: str = "loss", last: int | None = None) -> float:
-        """The mean of ``key`` over every step, or over the ``last`` steps (an integer >= 1)."""
+        """The mean of ``key`` over every step, or over the ``last`` steps (an integer >= 1).
+
+        Steps at which ``key`` was not logged (NaN in its column) are left out."""
         values = self._column(key)
         if last is not None:
             values = values[-check_int(last, "last", minimum=1):]
+        values = [v for v in values if not math.isnan(v)]
+        if not values:
+            raise ValueError(f"{key!r} was not logged at any of these steps")
         return sum(values) / len(values)
 
 

@@ -332,7 +332,7 @@ def paired_bootstrap(a, b, *, seeds: bool = False, resamples: int = 10_000, leve
     S, Q = diff.shape
     if seeds and S < 2:
         raise ValueError(f"seeds=True resamples the rows (seeds) and needs at least 2 of them, got {S}")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_int(seed, "seed"))
     questions = torch.randint(Q, (resamples, Q), generator=g)
     if seeds:
         rows = torch.randint(S, (resamples, S), generator=g)
