@@ -47,3 +47,13 @@ def test_bad_arguments():
         extraction.score(None, {"response": "{}"})
     with pytest.raises(ValueError, match="response"):
         extraction.score("{}", {"prompt": "x"})
+
+
+def test_a_task_row_without_its_response_is_named(tmp_path, monkeypatch):
+    from llmbook import extraction
+
+    (tmp_path / "task.jsonl").write_text('{"split": "train", "prompt": "p", "response": "{}"}\n'
+                                         '{"split": "train", "prompt": "q", "id": "row-2"}\n')
+    monkeypatch.setattr(extraction, "TASK_FILE", str(tmp_path / "task.jsonl"))
+    with pytest.raises(ValueError, match=r"the 'train' row 'row-2' has no string \['response'\]"):
+        extraction.load_task("train")

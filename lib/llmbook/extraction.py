@@ -41,6 +41,11 @@ def load_task(split: str) -> list[dict]:
     rows = [row for row in read_jsonl(TASK_FILE) if row.get("split") == split]
     if not rows:
         raise ValueError(f"{TASK_FILE} has no {split!r} rows; run data/build_lora_task.py")
+    for row in rows:
+        missing = [key for key in ("prompt", "response") if not isinstance(row.get(key), str)]
+        if missing:
+            raise ValueError(f"{TASK_FILE}: the {split!r} row {row.get('id', rows.index(row))!r} has no string "
+                             f"{missing}; run data/build_lora_task.py")
     return [{"prompt": row["prompt"], "response": row["response"]} for row in rows]
 
 
