@@ -210,6 +210,8 @@ def probe(model, tokenizer, rows: Sequence[dict], *, systems: Sequence[str], num
         aliases = row.get("aliases", [])
         if not isinstance(aliases, (list, tuple)) or not all(isinstance(a, str) for a in aliases):
             raise TypeError(f"rows[{i}]['aliases'] must be a list of strings, got {aliases!r:.60}")
+        if not normalize_answer(row["answer"]):
+            raise ValueError(f"rows[{i}]['answer'] must contain a letter or digit, got {row['answer']!r}")
     stems = [r["stem"] for r in rows] if all("stem" in r for r in rows) else None
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["question"]) + len(stems[i] if stems else ""))
     runs = [generate_answers(model, tokenizer, [rows[i]["question"] for i in order],

@@ -357,7 +357,14 @@ def shared_prefix(batch: Mapping[str, torch.Tensor], group_size: int | None = No
     inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
     if not inputs:
         raise TypeError("batch must hold the model's inputs (input_ids or inputs_embeds, attention_mask)")
+    for name, value in inputs.items():
+        check_tensor(value, name)
+        if value.dim() < 2:
+            raise ValueError(f"{name} must have shape (B, T), got {tuple(value.shape)}")
     rows, length = next(iter(inputs.values())).shape[:2]
+    for name, value in inputs.items():
+        if tuple(value.shape[:2]) != (rows, length):
+            raise ValueError(f"{name} must have the inputs' shape ({rows}, {length}), got {tuple(value.shape[:2])}")
     g = rows if group_size is None else check_int(group_size, "group_size", minimum=1, maximum=rows)
     if rows % g:
         raise ValueError(f"group_size ({g}) must divide the batch's {rows} rows")

@@ -43,8 +43,13 @@ class History(dict):
     def log(self, **metrics: float) -> None:
         n = len(self.get("step", []))
         for key, value in metrics.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"metric {key!r} must be a number (or a one-element tensor), got {value!r:.60}") \
+                    from None
             column = self.setdefault(key, [math.nan] * n)
-            column.append(float(value))
+            column.append(value)
         for column in self.values():  # keep every column as long as "step"
             if len(column) < n + 1:
                 column.append(math.nan)
