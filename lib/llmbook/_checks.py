@@ -131,6 +131,16 @@ def check_int_tensor(tensor, name: str) -> torch.Tensor:
     return tensor
 
 
+def check_token_ids(ids, name: str, model=None) -> torch.Tensor:
+    """``ids`` if it is an integer tensor whose values lie in ``model``'s vocabulary (when it has one)."""
+    check_int_tensor(ids, name)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"{name} must hold token ids in [0, {vocab}) (the model's vocabulary), got values in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+    return ids
+
+
 def check_generator(generator, name: str = "generator"):
     """``generator`` if it is ``None`` or a ``torch.Generator``, else a ``TypeError``."""
     if generator is not None and not isinstance(generator, torch.Generator):

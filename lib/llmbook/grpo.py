@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import torch
 
 from llmbook import losses, sampling
-from llmbook._checks import check_bool, check_float_tensor, check_int, check_int_tensor, check_real, check_tensor
+from llmbook._checks import check_bool, check_float_tensor, check_int, check_real, check_tensor, check_token_ids
 from llmbook.models import _decoder_layers
 from llmbook.utils import eval_mode
 
@@ -124,12 +124,8 @@ def _checked(batch, model=None):
                          f"{tuple(completion_mask.shape)}")
     if not completion_mask.bool().any():
         raise ValueError("completion_mask is 0 everywhere: there is no completion token to score")
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     for name in ("prompt_ids", "completion_ids"):
-        ids = check_int_tensor(batch[name], name)
-        if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            raise ValueError(f"{name} must hold token ids in [0, {vocab}) (the model's vocabulary), got values in "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
+        check_token_ids(batch[name], name, model)
     return batch
 
 

@@ -67,7 +67,7 @@ from pathlib import Path
 
 import torch
 
-from llmbook._checks import check_bool, check_int, check_int_tensor
+from llmbook._checks import check_bool, check_int, check_token_ids
 from llmbook.sampling import generate_answers
 from llmbook.utils import cpu_capability, cpu_has_native_bf16, umask
 
@@ -663,11 +663,7 @@ def top_layer_inputs(model, batch, k: int) -> dict:
     layers, k = _decoder_layers(model, k)
     if not isinstance(batch, dict) or "input_ids" not in batch:
         raise TypeError("batch must be a dict with input_ids (and attention_mask, labels)")
-    ids = check_int_tensor(batch["input_ids"], "input_ids")
-    vocab = getattr(model.config, "vocab_size", None)
-    if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise ValueError(f"input_ids must hold token ids in [0, {vocab}) (the model's vocabulary), got values in "
-                         f"[{int(ids.min())}, {int(ids.max())}]")
+    ids = check_token_ids(batch["input_ids"], "input_ids", model)
     mask = batch.get("attention_mask")
     for name in ("attention_mask", "labels"):
         if batch.get(name) is not None:

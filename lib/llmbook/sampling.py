@@ -45,6 +45,7 @@ from llmbook._checks import (
     check_int_tensor,
     check_real,
     check_tensor,
+    check_token_ids,
 )
 from llmbook.data import chat_prompt
 from llmbook.utils import eval_mode
@@ -485,10 +486,8 @@ def generate(
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must hold at least one prompt of at least one token, got shape "
                          f"{tuple(input_ids.shape)}")
+    check_token_ids(input_ids, "input_ids", model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-        raise ValueError(f"input_ids must hold token ids in [0, {vocab}) (the model's vocabulary), "
-                         f"got values in [{int(input_ids.min())}, {int(input_ids.max())}]")
     max_new_tokens = check_int(max_new_tokens, "max_new_tokens", minimum=1)
     temperature = _check_temperature(temperature, allow_zero=True)
     top_p = _check_top_p(top_p)
