@@ -619,6 +619,8 @@ BAD = [
      "metric 'loss' must be a number"),
     ("history-log-a-word", lambda c: train.History().log(step=1, acc="high"), TypeError,
      "metric 'acc' must be a number"),
+    ("sft_loss-empty-batch", lambda c: losses.sft_loss(torch.randn(0, 6, 16), torch.zeros(0, 6, dtype=torch.long)),
+     ValueError, r"logits are empty \(shape \(0, 6, 16\)\): the batch holds no sequence to score"),
     ("halluc-accuracy-empty", lambda c: H.accuracy([]), ValueError, "correct must be a non-empty list of verdicts"),
     ("group-no-unknown", lambda c: losses.sft_loss_by_group(c.tiny, {"labels": c.labels}), ValueError,
      "batch needs an 'unknown' entry"),

@@ -563,6 +563,8 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGN
     check_float_tensor(logits, "logits")
     if logits.dim() < 2:
         raise ValueError(f"logits must have shape (..., T, V), got {tuple(logits.shape)}")
+    if logits.numel() == 0:
+        raise ValueError(f"logits are empty (shape {tuple(logits.shape)}): the batch holds no sequence to score")
     target, mask = _check_labels(labels, logits.shape[:-1], f"logits {tuple(logits.shape)}", ignore_index,
                                  logits.shape[-1])
     # Only the k response positions are scored: (k, V) logits against (k,) labels.
