@@ -11,22 +11,19 @@ through here. The defaults reproduce the committed files byte for byte, and
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
-from llmbook.data import write_jsonl
+from llmbook.data import load_builder, write_jsonl
 
 HERE = Path(__file__).resolve().parent
-NAMES = ("sft", "lora_task", "closed_book_qa", "sampling_task", "preferences", "harmlessness", "arithmetic_rl")  # in chapter order
+NAMES = ("sft", "lora_task", "closed_book_qa", "knowledge_probe", "sampling_task", "preferences", "harmlessness", "arithmetic_rl")  # in chapter order
 
 
 def load(name: str) -> ModuleType:
-    """The builder module ``data/build_<name>.py`` (``data/`` is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"build_{name}", HERE / f"build_{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """The builder module ``data/build_<name>.py`` (:func:`llmbook.data.load_builder`)."""
+    module = load_builder(name)
     if module.OUTPUT != f"{name}.jsonl":
         raise ValueError(f"data/build_{name}.py: OUTPUT is {module.OUTPUT!r}, expected '{name}.jsonl'")
     return module

@@ -227,16 +227,22 @@ def test_probe_sorts_questions_by_what_the_model_says(chat_model, tokenizer):
     assert all(H.normalize_answer(g) for g in greedy)
     rows = [{"question": q, "stem": s, "answer": g} for q, s, g in zip(QUESTIONS, STEMS, greedy)]
     rows.append({"question": QUESTIONS[0], "stem": STEMS[0], "answer": "Zzyzxquorble"})
-    result = H.probe(model, tokenizer, rows, systems=systems, num_samples=3, max_new_tokens=3,
-                     generator=torch.Generator().manual_seed(0))
+    result = H.probe(model, tokenizer, rows, systems=systems, num_samples=3, max_new_tokens=3, seed=0)
     assert [r["known"] for r in result] == [True, True, True, False]
     for r, g, o in zip(result, greedy + [greedy[0]], other + [other[0]]):
         assert r["greedy"] == [g, o]  # the order of the rows is kept
         assert r["greedy_correct"] == [H.is_correct(x, r["answer"]) for x in (g, o)]
-        assert len(r["samples"]) == 3
+        assert len(r["samples"]) == 3 * len(systems)  # under every prompt
         assert r["category"] == H.knowledge_category(r["greedy_correct"],
                                                      [H.is_correct(x, r["answer"]) for x in r["samples"]])
     assert result[-1]["category"] == "Unknown" and result[-1]["p_sample_correct"] == 0.0
+    # Prompt k samples with seed + k, batch by batch: the first batch of the probe order,
+    # probed alone, draws the same answers.
+    batch = [rows[i] for i in H.probe_order(rows)[:2]]
+    alone = H.probe(model, tokenizer, batch, systems=systems, num_samples=3, max_new_tokens=3, seed=0, batch_size=2)
+    whole = H.probe(model, tokenizer, rows, systems=systems, num_samples=3, max_new_tokens=3, seed=0, batch_size=2)
+    assert [r["samples"] for r in alone] == [whole[i]["samples"] for i in H.probe_order(rows)[:2]]
+    assert H.probe_order(rows) == sorted(range(len(rows)), key=lambda i: len(rows[i]["question"] + rows[i]["stem"]))
     with pytest.raises(ValueError, match="num_samples"):
         H.probe(model, tokenizer, rows, systems=systems, num_samples=0)
     with pytest.raises(ValueError, match="systems must be a non-empty list"):

@@ -18,6 +18,7 @@ from llmbook.sampling import (
     generate,
     generate_answers,
     left_pad,
+    newline_token_ids,
     min_p_filter,
     position_ids,
     prefix_cache,
@@ -631,3 +632,24 @@ def test_answer_probability_is_the_frequency_at_which_generate_writes_the_answer
     se = (p * (1 - p) / n).sqrt()
     assert ((freq - p).abs() < 4 * se).all(), (freq, p)
     assert p.sum() > 0.2  # the check compares answers the sampler really writes often
+
+
+def test_stop_at_newline_cuts_each_answer_after_its_first_line_break(chat_model, tokenizer):
+    newline = set(newline_token_ids(tokenizer))
+    assert tokenizer("\n", add_special_tokens=False).input_ids[0] in newline
+    assert tokenizer(" Paris", add_special_tokens=False).input_ids[0] not in newline
+    assert all("\n" in tokenizer.decode([i]) for i in newline)
+
+    def run(stop):  # the tiny random model at a high temperature writes line breaks now and then
+        return generate_answers(chat_model, tokenizer, QUESTIONS, stems=STEMS, greedy=False, num_samples=40,
+                                temperature=3.0, max_new_tokens=16, strip=False, stop_at_newline=stop,
+                                generator=torch.Generator().manual_seed(0))
+    cut, whole = run(True), run(False)
+    pairs = [(c, w) for cs, ws in zip(cut.samples, whole.samples) for c, w in zip(cs, ws)]
+    shortened = 0
+    for c, w in pairs:
+        assert w.startswith(c)  # the same draws, up to the stop
+        if c != w:  # cut: right after the token that holds the first line break
+            shortened += 1
+            assert "\n" in c and c.split("\n")[0] == w.split("\n")[0]
+    assert shortened >= 3

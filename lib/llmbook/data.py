@@ -15,12 +15,15 @@ collator (the answer's stem masked too), chapter 7 the preference collator.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from numbers import Integral
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -38,6 +41,7 @@ __all__ = [
     "chat_prompt",
     "data_dir",
     "encode_sft",
+    "load_builder",
     "pad",
     "read_jsonl",
     "write_jsonl",
@@ -49,6 +53,24 @@ def data_dir() -> Path:
     if os.environ.get("LLMBOOK_DATA"):
         return Path(os.environ["LLMBOOK_DATA"])
     return Path(__file__).resolve().parents[2] / "data"
+
+
+def load_builder(name: str) -> ModuleType:
+    """The builder of a data set, ``data/build_<name>.py``, as a module (``data/`` is not a package).
+
+    Chapter 5 runs its builder's probe again on a sample; ``data/build.py`` loads every
+    builder this way.
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9_]+", name):
+        raise ValueError(f"name must be a data set's name such as 'knowledge_probe', got {name!r:.60}")
+    path = data_dir() / f"build_{name}.py"
+    if not path.is_file():
+        known = sorted(p.stem.removeprefix("build_") for p in data_dir().glob("build_*.py"))
+        raise ValueError(f"no builder {name!r} in {data_dir()}; the builders are: {', '.join(known)}")
+    spec = importlib.util.spec_from_file_location(f"build_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class _NonStandardNumber(Exception):

@@ -8,14 +8,15 @@ it does not know. This module holds the parts chapter 5 runs:
   articles; :func:`is_correct` accepts a response that names the gold answer (or an
   alias) as whole words and not inside a longer name, so "The capital of France is
   Paris." counts as "Paris" and "New Mexico" does not count as "Mexico".
-* **The probe.** :func:`probe` asks every question greedily under several prompts (one
-  per system message), and ``num_samples`` times at a temperature under the first
+* **The probe.** :func:`probe` asks every question under several prompts (one per
+  system message, which may hold worked examples: a few-shot prompt), greedily and
+  ``num_samples`` times at a temperature under each
   (:func:`llmbook.sampling.generate_answers`, one shared prompt pass), and records the
   probability of the first prompt's greedy answer,
   $p(\hat y \mid x) = \prod_t p(\hat y_t \mid x, \hat y_{<t})$.
 * **The categories** (:func:`knowledge_category`), as the paper's section 3 defines them
   from $P_\text{Correct}$, the share of right answers over its prompts (its $N_\text{ex} = 10$
-  four-shot prompts; here a few system messages):
+  four-shot prompts; chapter 5 uses five four-shot prompts, ``data/knowledge_probe.jsonl``):
 
   ======================  ==============================================================
   ``HighlyKnown``          the greedy answer is right under every prompt
@@ -61,6 +62,7 @@ __all__ = [
     "normalize_answer",
     "paired_bootstrap",
     "probe",
+    "probe_order",
 ]
 
 CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
@@ -172,33 +174,52 @@ def knowledge_category(greedy_correct: Sequence[bool], samples_correct: Sequence
     return "WeaklyKnown" if any(samples_correct) else "Unknown"
 
 
+def probe_order(rows: Sequence[dict]) -> list[int]:
+    """The order in which :func:`probe` asks ``rows``: by the length of question and stem.
+
+    :func:`probe` batches the questions in this order (less padding), and its sampled
+    answers depend on the batch they were drawn in. A probe of ``[rows[i] for i in
+    probe_order(rows)[:batch_size]]`` draws the first batch again: the same answers.
+    """
+    if isinstance(rows, (str, dict)) or not isinstance(rows, Sequence) or not all(
+            isinstance(r, dict) and isinstance(r.get("question"), str) for r in rows):
+        raise ValueError(f"rows must be a list of dicts with a 'question' string, got {rows!r:.80}")
+    stems = [r.get("stem", "") for r in rows] if all("stem" in r for r in rows) else [""] * len(rows)
+    return sorted(range(len(rows)), key=lambda i: len(rows[i]["question"]) + len(stems[i]))
+
+
 def probe(model, tokenizer, rows: Sequence[dict], *, systems: Sequence[str], num_samples: int = 2,
-          temperature: float = 0.5, max_new_tokens: int = 8, batch_size: int = 64,
-          generator: torch.Generator | None = None, progress: bool = False) -> list[dict]:
+          temperature: float = 0.5, max_new_tokens: int = 8, batch_size: int = 64, seed: int = 0,
+          stop_at_newline: bool = False, progress: bool = False) -> list[dict]:
     """Ask every question of ``rows`` under each prompt and sort it into a knowledge category.
 
-    Each system message of ``systems`` makes one prompt, under which every question gets a
-    greedy answer; under the first, it also gets ``num_samples`` sampled answers from the
-    same prompt pass (:func:`llmbook.sampling.generate_answers`). Questions are batched in
-    order of length, which wastes less on padding; the result keeps the order of ``rows``.
+    Each system message of ``systems`` makes one prompt (a few-shot prompt when the message
+    holds worked examples), under which every question gets a greedy answer and
+    ``num_samples`` sampled ones from the same prompt pass
+    (:func:`llmbook.sampling.generate_answers`). Questions are batched in
+    :func:`probe_order`; prompt ``k`` samples from a generator seeded with ``seed + k``, so
+    the answers are reproducible batch by batch. The result keeps the order of ``rows``.
 
     Args:
         rows: dicts with ``question``, ``answer`` and optionally ``aliases`` and
             ``stem`` (used when every row has one).
         systems: the system messages, one per prompt (at least one).
+        seed: the seed of the first prompt's sampling generator.
         progress: show a bar over the prompts (:func:`llmbook.utils.progress`).
         the rest: as in :func:`llmbook.sampling.generate_answers`.
 
     Returns:
         one dict per row: the row's fields plus ``greedy`` (one answer per prompt),
         ``greedy_correct`` (their verdicts), ``greedy_prob`` (the first prompt's greedy
-        answer's probability), ``samples``, ``p_greedy_correct`` and ``p_sample_correct``
-        (shares of right answers), ``category`` and ``known`` (``category`` in :data:`KNOWN`).
+        answer's probability), ``samples`` (``num_samples`` per prompt, prompt after
+        prompt), ``p_greedy_correct`` and ``p_sample_correct`` (shares of right answers),
+        ``category`` and ``known`` (``category`` in :data:`KNOWN`).
     """
     if isinstance(systems, str) or not isinstance(systems, Sequence) or not systems or not all(
             isinstance(x, str) for x in systems):
         raise ValueError(f"systems must be a non-empty list of system messages (str), got {systems!r:.80}")
     num_samples = check_int(num_samples, "num_samples", minimum=1, hint="(to tell WeaklyKnown from Unknown)")
+    seed = check_int(seed, "seed", minimum=0)
     if isinstance(rows, (str, dict)) or not isinstance(rows, Sequence) or not rows:
         raise ValueError(f"rows must be a non-empty list of dicts with 'question' and 'answer', got {rows!r:.80}")
     for i, row in enumerate(rows):  # before any generation: a bad row would otherwise surface at the end
@@ -213,18 +234,20 @@ def probe(model, tokenizer, rows: Sequence[dict], *, systems: Sequence[str], num
         if not normalize_answer(row["answer"]):
             raise ValueError(f"rows[{i}]['answer'] must contain a letter or digit, got {row['answer']!r}")
     stems = [r["stem"] for r in rows] if all("stem" in r for r in rows) else None
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["question"]) + len(stems[i] if stems else ""))
+    order = probe_order(rows)
+    device = next(model.parameters()).device
     runs = [generate_answers(model, tokenizer, [rows[i]["question"] for i in order],
                              stems=[stems[i] for i in order] if stems else None, system=system,
-                             num_samples=num_samples if k == 0 else 0, temperature=temperature,
-                             max_new_tokens=max_new_tokens, batch_size=batch_size, generator=generator)
+                             num_samples=num_samples, temperature=temperature,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             stop_at_newline=stop_at_newline, generator=torch.Generator(device=device).manual_seed(seed + k))
             for k, system in enumerate(show_progress(systems, desc="probe", disable=not progress))]
     result = [None] * len(rows)
     for j, i in enumerate(order):
         row = rows[i]
         aliases = list(row.get("aliases", ()))
         greedy = [run.greedy[j] for run in runs]
-        samples = runs[0].samples[j]
+        samples = [x for run in runs for x in run.samples[j]]
         g_ok = [is_correct(g, row["answer"], aliases) for g in greedy]
         s_ok = [is_correct(x, row["answer"], aliases) for x in samples]
         category = knowledge_category(g_ok, s_ok)

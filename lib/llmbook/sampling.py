@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -63,6 +64,7 @@ __all__ = [
     "position_ids",
     "prefix_cache",
     "sample_next_token",
+    "newline_token_ids",
     "stop_token_ids",
     "top_k_filter",
     "top_p_filter",
@@ -680,6 +682,19 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+_NEWLINE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def newline_token_ids(tokenizer) -> list[int]:
+    """The ids of every token whose text holds a line break (``"\\n"``, ``".\\n\\n"``, ...)."""
+    if not callable(getattr(tokenizer, "decode", None)):
+        raise TypeError(f"tokenizer must be a tokenizer (with decode), got {type(tokenizer).__name__}")
+    if tokenizer not in _NEWLINE_IDS:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        _NEWLINE_IDS[tokenizer] = [i for i, t in enumerate(texts) if "\n" in t]
+    return list(_NEWLINE_IDS[tokenizer])
+
+
 def _common_length(rows: list[list[int]]) -> int:
     """How many first tokens every row shares, leaving each row at least one token of its own."""
     shortest = min(len(row) for row in rows) - 1
@@ -707,6 +722,7 @@ def generate_answers(
     batch_size: int = 16,
     generator: torch.Generator | None = None,
     share_prefix: bool = True,
+    stop_at_newline: bool = False,
     progress: bool = False,
 ) -> Answers:
     r"""The model's answers to user messages: greedy, sampled, or both from one prompt pass.
@@ -735,6 +751,9 @@ def generate_answers(
             reproducible.
         share_prefix: encode the prompts' common first tokens once; ``False`` encodes
             every prompt whole (the same answers, up to float rounding).
+        stop_at_newline: also end an answer at its first token that holds a line break
+            (:func:`newline_token_ids`): after a few-shot prompt, whose worked examples
+            take a line each, the answer is the first line.
 
     Returns:
         :class:`Answers`.
@@ -749,12 +768,15 @@ def generate_answers(
                             hint="" if greedy else "(with greedy=False there must be samples)")
     batch_size = check_int(batch_size, "batch_size", minimum=1)
     share_prefix = check_bool(share_prefix, "share_prefix")
+    stop_at_newline = check_bool(stop_at_newline, "stop_at_newline")
     if not hasattr(tokenizer, "pad_token_id") or not callable(tokenizer):
         raise TypeError(f"tokenizer must be the model's tokenizer (load_model returns both), got "
                         f"{type(tokenizer).__name__}")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
     stop = stop_token_ids(model, tokenizer)
+    if stop_at_newline:
+        stop = sorted(set(stop) | set(newline_token_ids(tokenizer)))
     copies = int(greedy) + num_samples
     answers = Answers(greedy=[], greedy_logps=[], stopped=[], samples=[])
     texts = [chat_prompt(tokenizer, p, system) + (stems[i] if stems is not None else "")
