@@ -16,7 +16,7 @@ and the category they give (``llmbook.hallucination.knowledge_category``, with
 categories against the stored answers and draws the first batch again; chapter 5 does
 the same on its sample.
 
-Run ``python data/build_knowledge_probe.py`` to rewrite the file (about ten minutes on a
+Run ``python data/build_knowledge_probe.py`` to rewrite the file (about nine minutes on a
 2-core CPU; it needs the book's model, see ``llmbook.models.load_model``).
 """
 
