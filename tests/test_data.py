@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -192,14 +193,83 @@ def test_harmlessness_splits_whole_topics_of_twins():
 
 def test_harmlessness_refusals_are_exactly_where_is_refusal_finds_them():
     _, sides = _harmlessness_by_side()
-    for side in ("declinable chosen", "ordinary rejected"):  # the same opening, so a pair teaches when, not how
-        assert all(is_refusal(t) and t.startswith("I can't help with that") for t in sides[side]), side
+    for side in ("declinable chosen", "ordinary rejected"):
+        assert all(is_refusal(t) for t in sides[side]), side
     for side in ("declinable rejected", "ordinary chosen"):
         assert not any(is_refusal(t) for t in sides[side]), side
 
 
-@pytest.mark.parametrize("side, limit", [("declinable chosen", 30), ("declinable rejected", 35),
-                                         ("ordinary chosen", 35), ("ordinary rejected", 30)])
+def test_harmlessness_twins_share_their_openings():
+    # a topic's wanted and needless refusal open alike, and so do its compliance and its helpful answer
+    builder = data.load_builder("harmlessness")
+    rows, _ = _harmlessness_by_side()
+
+    def opening(text, choices):  # the longest of the choices that the text starts with
+        return max((c for c in choices if text.startswith(c)), key=len, default=None)
+
+    by_topic = {}
+    for r in rows:
+        by_topic.setdefault(r["topic"], {})[r["kind"]] = r
+    used = {"refusal": [], "answer": []}
+    for topic, twins in by_topic.items():
+        declinable, ordinary = twins["declinable"], twins["ordinary"]
+        refusal = opening(declinable["chosen"], builder.OPENINGS)
+        answer = opening(declinable["rejected"], builder.ANSWER_OPENERS)
+        assert refusal is not None and refusal == opening(ordinary["rejected"], builder.OPENINGS), topic
+        assert answer == opening(ordinary["chosen"], builder.ANSWER_OPENERS), topic
+        used["refusal"].append(refusal)
+        used["answer"].append(answer)
+    # every opening is used, four times (refusals) or six times (answers) on each side
+    assert sorted(set(used["refusal"])) == sorted(builder.OPENINGS)
+    assert {used["refusal"].count(o) for o in builder.OPENINGS} == {4}
+    assert {used["answer"].count(o) for o in builder.ANSWER_OPENERS} == {6}
+    sides = _harmlessness_by_side()[1]
+    sure = [sum(bool(re.search(r"\bsure\b", t, re.I)) for t in sides[s]) for s in ("declinable rejected", "ordinary chosen")]
+    assert sure[0] == sure[1] == 6, sure  # the word "sure" on both sides alike
+
+
+def _word_ngrams(text: str, longest: int = 3) -> set[str]:
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return {" ".join(words[i:i + n]) for n in range(1, longest + 1) for i in range(len(words) - n + 1)}
+
+
+@pytest.mark.parametrize("side_a, side_b", [("declinable chosen", "ordinary rejected"),    # wanted vs needless refusal
+                                            ("declinable rejected", "ordinary chosen")])  # compliance vs helpful
+def test_harmlessness_wording_does_not_give_the_class_away(side_a, side_b):
+    # A pair should teach when to refuse: no word n-gram of the answers may tell its side.
+    rows = data.read_jsonl("harmlessness.jsonl")
+
+    def side(name, split=None):
+        kind, key = name.split()
+        return [_word_ngrams(r[key]) for r in rows if r["kind"] == kind and split in (None, r["split"])]
+
+    def accuracy(gram, a, b):  # the rule "holds gram, so side a", over the texts of both sides
+        return (sum(gram in t for t in a) + sum(gram not in t for t in b)) / (len(a) + len(b))
+
+    a, b = side(side_a), side(side_b)
+    grams = set().union(*a, *b)
+    # over all rows: no n-gram is in more than a quarter more of one side's texts than of the
+    # other's, so no one n-gram labels more than 62.5 % of the texts right (chance: 50 %)
+    gap = {g: abs(sum(g in t for t in a) - sum(g in t for t in b)) / len(a) for g in grams}
+    worst = max(gap, key=gap.get)
+    assert gap[worst] <= 0.25, (worst, gap[worst])
+    # held out: the n-gram that best separates the training rows labels at most 10 of the 16
+    # held-out texts right
+    train_a, train_b, test_a, test_b = side(side_a, "train"), side(side_b, "train"), side(side_a, "test"), side(
+        side_b, "test")
+    best = max(grams, key=lambda g: abs(accuracy(g, train_a, train_b) - 0.5))
+    held_out = accuracy(best, test_a, test_b)
+    if accuracy(best, train_a, train_b) < 0.5:  # the rule "holds gram, so side b"
+        held_out = 1 - held_out
+    assert held_out <= 10 / 16, (best, held_out)
+    # and the two sides are about as long (a length cue would be a template too)
+    _, sides = _harmlessness_by_side()
+    mean = {name: sum(len(t.split()) for t in sides[name]) / len(sides[name]) for name in (side_a, side_b)}
+    assert abs(mean[side_a] - mean[side_b]) < 0.25 * max(mean.values()), mean
+
+
+@pytest.mark.parametrize("side, limit", [("declinable chosen", 30), ("declinable rejected", 40),
+                                         ("ordinary chosen", 40), ("ordinary rejected", 30)])
 def test_harmlessness_answers_are_short(side, limit):
     _, sides = _harmlessness_by_side()
     assert len(sides[side]) == 24

@@ -446,6 +446,7 @@ def plain_eval(model, batches, stop_token_id=None):
     got = {key: [] for key in ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
                                "p_stop", "p_stop_ref")}
     kl, tokens = 0.0, 0
+    got["chosen_kl"], got["rejected_kl"] = [], []
     model.eval()
     with torch.no_grad():
         for batch in batches:
@@ -457,15 +458,16 @@ def plain_eval(model, batches, stop_token_id=None):
                 got[f"{side}_logps"].append(torch_sequence_logps(policy, labels))
                 got[f"ref_{side}_logps"].append(torch_sequence_logps(ref, labels))
                 answer = labels[:, 1:] != -100  # position t predicts label t + 1
-                kl += kl_divergence(Categorical(logits=policy[:, :-1][answer]),
-                                    Categorical(logits=ref[:, :-1][answer])).sum().item()
+                per_token = kl_divergence(Categorical(logits=policy[:, :-1]), Categorical(logits=ref[:, :-1]))
+                got[f"{side}_kl"].append((per_token * answer).sum(1))  # summed over each answer's tokens
+                kl += per_token[answer].sum().item()
                 tokens += int(answer.sum())
                 if side == "chosen" and stop_token_id is not None:
                     for row in range(len(ids)):
                         t = int(((labels[row] == stop_token_id) & (labels[row] != -100)).nonzero()[0])
                         got["p_stop"].append(policy[row, t - 1].softmax(-1)[stop_token_id].item())
                         got["p_stop_ref"].append(ref[row, t - 1].softmax(-1)[stop_token_id].item())
-    out = {key: torch.cat(value) for key, value in got.items() if key.endswith("logps")}
+    out = {key: torch.cat(value) for key, value in got.items() if key.endswith(("logps", "_kl"))}
     if stop_token_id is not None:
         out["p_stop"], out["p_stop_ref"] = torch.tensor(got["p_stop"]), torch.tensor(got["p_stop_ref"])
     return out, kl / tokens
@@ -479,7 +481,7 @@ def test_preference_eval_equals_plain_forwards_with_and_without_the_adapters(sma
     got = dpo.preference_eval(model, iter(batches))  # any iterable of batches, read once
     assert model.training  # the model's mode is restored
     assert set(got) == {"chosen_logratio", "rejected_logratio", "chosen_logps", "rejected_logps", "ref_chosen_logps",
-                        "ref_rejected_logps", "kl", "accuracy"}
+                        "ref_rejected_logps", "chosen_kl", "rejected_kl", "kl", "accuracy"}
     for key, value in want.items():
         assert got[key].shape == (3,), key
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-4)
@@ -488,6 +490,7 @@ def test_preference_eval_equals_plain_forwards_with_and_without_the_adapters(sma
                                    rtol=1e-5, atol=1e-4)
     assert got["kl"] == pytest.approx(want_kl, rel=1e-4, abs=1e-7)
     assert got["kl"] > 1e-4  # the adapters moved the policy
+    assert (got["chosen_kl"] > 0).all() and (got["rejected_kl"] > 0).all()
     ratios = [want[f"{side}_logps"] - want[f"ref_{side}_logps"] for side in SIDES]
     assert got["accuracy"] == pytest.approx((ratios[0] > ratios[1]).float().mean().item())
     assert isinstance(got["kl"], float) and isinstance(got["accuracy"], float)

@@ -645,11 +645,23 @@ def test_stop_at_newline_cuts_each_answer_after_its_first_line_break(chat_model,
                                 temperature=3.0, max_new_tokens=16, strip=False, stop_at_newline=stop,
                                 generator=torch.Generator().manual_seed(0))
     cut, whole = run(True), run(False)
-    pairs = [(c, w) for cs, ws in zip(cut.samples, whole.samples) for c, w in zip(cs, ws)]
+    pairs = [(c, w, ended) for cs, ws, ends in zip(cut.samples, whole.samples, cut.samples_stopped)
+             for c, w, ended in zip(cs, ws, ends)]
     shortened = 0
-    for c, w in pairs:
+    for c, w, ended in pairs:
         assert w.startswith(c)  # the same draws, up to the stop
         if c != w:  # cut: right after the token that holds the first line break
             shortened += 1
             assert "\n" in c and c.split("\n")[0] == w.split("\n")[0]
+            assert ended  # and samples_stopped says it ended
     assert shortened >= 3
+
+
+def test_samples_stopped_at_a_vanishing_temperature_is_the_greedy_answers_stopped(chat_model, tokenizer):
+    # the greedy answers' stopped is checked against transformers' generate above
+    greedy = generate_answers(chat_model, tokenizer, QUESTIONS + ["Hi"], max_new_tokens=6)
+    cold = generate_answers(chat_model, tokenizer, QUESTIONS + ["Hi"], max_new_tokens=6, greedy=False,
+                            num_samples=2, temperature=1e-5, generator=torch.Generator().manual_seed(0))
+    assert cold.samples == [[g, g] for g in greedy.greedy]
+    assert cold.samples_stopped == [[s, s] for s in greedy.stopped]
+    assert greedy.samples_stopped == []

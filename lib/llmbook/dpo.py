@@ -385,7 +385,10 @@ def preference_eval(
     For every pair: the log-ratios $\log\pi_\theta(y) - \log\pi_{\mathrm{ref}}(y)$ of both
     answers (the implicit rewards over $\beta$) and both answers' summed log-probabilities
     under the policy and under the reference. Over all answer tokens: the mean per-token
-    $\mathrm{KL}(\pi_\theta \,\|\, \pi_{\mathrm{ref}})$ of the next-token distributions.
+    $\mathrm{KL}(\pi_\theta \,\|\, \pi_{\mathrm{ref}})$ of the next-token distributions, and
+    for every answer the sum of those KLs over its tokens: on answers sampled from the
+    policy, the mean of that sum estimates the KL of whole answers,
+    $\mathrm{KL}(\pi_\theta(\cdot \mid x) \,\|\, \pi_{\mathrm{ref}}(\cdot \mid x))$.
     The reference is ``model`` with its LoRA adapters off, or, when a batch carries
     ``ref_token_logprobs`` (:func:`with_reference_logps` with ``distributions=True``), those:
     then only the policy runs. Batches may hold ``input_ids`` or, for a
@@ -398,7 +401,8 @@ def preference_eval(
 
     Returns:
         a dict of ``(pairs,)`` tensors ``chosen_logratio``, ``rejected_logratio``,
-        ``chosen_logps``, ``rejected_logps``, ``ref_chosen_logps``, ``ref_rejected_logps``
+        ``chosen_logps``, ``rejected_logps``, ``ref_chosen_logps``, ``ref_rejected_logps``,
+        ``chosen_kl``, ``rejected_kl`` (the KL summed over each answer's tokens)
         (and ``p_stop``, ``p_stop_ref``), and floats ``kl`` (per token) and ``accuracy``
         (the share of pairs whose chosen log-ratio is the larger).
     """
@@ -407,7 +411,7 @@ def preference_eval(
     if isinstance(batches, (str, bytes, Mapping)) or not isinstance(batches, Iterable):
         raise TypeError(f"batches must be a list of preference batches (dicts), got {type(batches).__name__}"
                         + (": wrap one batch as [batch]" if isinstance(batches, Mapping) else ""))
-    out: dict[str, list] = {key: [] for key in ("policy", "ref", "p_stop", "p_stop_ref")}
+    out: dict[str, list] = {key: [] for key in ("policy", "ref", "p_stop", "p_stop_ref", "kl_sums")}
     kl_total, n_tokens = 0.0, 0
     with eval_mode(model):
         for batch in batches:
@@ -424,9 +428,11 @@ def preference_eval(
             else:
                 with _reference(model, None) as reference:
                     ref_dist, _, _ = _answer_distributions(reference, inputs)
-            kl_total += (dist.exp() * (dist - ref_dist)).sum().item()
+            token_kl = (dist.exp() * (dist - ref_dist)).sum(-1)  # (N,)
+            kl_total += token_kl.sum().item()
             n_tokens += dist.shape[0]
             n_rows = inputs["labels"].shape[0]
+            out["kl_sums"].append(_row_sums(token_kl, rows, n_rows))
             token_logps = {"policy": dist.gather(1, target[:, None])[:, 0],
                            "ref": ref_dist.gather(1, target[:, None])[:, 0]}
             for key, logps in token_logps.items():
@@ -444,6 +450,8 @@ def preference_eval(
     for name, key in (("", "policy"), ("ref_", "ref")):
         chosen, rejected = zip(*(t.chunk(2) for t in out[key]))
         result[f"{name}chosen_logps"], result[f"{name}rejected_logps"] = torch.cat(chosen), torch.cat(rejected)
+    chosen, rejected = zip(*(t.chunk(2) for t in out["kl_sums"]))
+    result["chosen_kl"], result["rejected_kl"] = torch.cat(chosen), torch.cat(rejected)
     result["chosen_logratio"] = result["chosen_logps"] - result["ref_chosen_logps"]
     result["rejected_logratio"] = result["rejected_logps"] - result["ref_rejected_logps"]
     if stop_token_id is not None:

@@ -660,6 +660,7 @@ class Answers:
     greedy_logps: list[list[float]]  # log p of each greedy token under the model, end-of-turn token included
     stopped: list[bool]  # whether the greedy answer ended (end-of-turn) within max_new_tokens
     samples: list[list[str]]  # num_samples sampled answers per prompt ([] when num_samples=0)
+    samples_stopped: list[list[bool]]  # whether each sampled answer ended within max_new_tokens
 
     @property
     def greedy_prob(self) -> list[float]:
@@ -778,7 +779,7 @@ def generate_answers(
     if stop_at_newline:
         stop = sorted(set(stop) | set(newline_token_ids(tokenizer)))
     copies = int(greedy) + num_samples
-    answers = Answers(greedy=[], greedy_logps=[], stopped=[], samples=[])
+    answers = Answers(greedy=[], greedy_logps=[], stopped=[], samples=[], samples_stopped=[])
     texts = [chat_prompt(tokenizer, p, system) + (stems[i] if stems is not None else "")
              for i, p in enumerate(prompts)]
     encoded = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
@@ -806,6 +807,7 @@ def generate_answers(
                     answers.greedy_logps.append(logps[row, : lengths[row]].tolist())
                 if num_samples:
                     answers.samples.append(decoded[row + int(greedy): row + copies])
+                    answers.samples_stopped.append([bool(ended[r].any()) for r in range(row + int(greedy), row + copies)])
     return answers
 
 
