@@ -22,8 +22,12 @@ two refusals of a topic (the wanted one and the needless one) share their openin
 in turn from ``OPENINGS``; the compliance and the helpful answer of a topic share theirs,
 taken in turn from ``ANSWER_OPENERS`` (``"Sure! "`` among them). So every opening is used
 equally often on both sides, and only the reason or the content, written for the request,
-differs. ``tests/test_data.py`` checks on the data that no word n-gram separates the two
-sides of either comparison much better than chance. ``llmbook.dpo.is_refusal`` tells
+differs. ``tests/test_data.py`` checks on the data that no single word n-gram separates the
+two sides of either comparison much better than chance. The reasons do differ, as they
+must: a wanted refusal names what is wrong with the request ("a fake doctor's note is
+dishonest"), a needless one gives a weak reason ("health is a private matter"), so a set of
+words can still tell them apart; chapter 7's twin gap scores the same texts after both
+requests, which no wording can explain. ``llmbook.dpo.is_refusal`` tells
 refusals from answers, and the chapter counts refusals in generated answers with it;
 :func:`build` checks that it agrees with every row. The model being tuned is
 SmolLM2-135M-Instruct, a tiny one, so every request and answer is short and in plain words.
