@@ -250,3 +250,23 @@ def test_dropout_is_only_active_in_training_like_peft():
     ours.train()
     with torch.no_grad():
         assert not torch.allclose(ours(IDS).logits, first, atol=1e-5), "dropout changes the training forward"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_delta_singular_values_equal_those_of_the_full_delta(dtype):
+    gen = torch.Generator().manual_seed(3)
+    layer = lora.LoRALinear(torch.nn.Linear(24, 40, dtype=dtype), r=5, lora_alpha=7)
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(torch.randn(40, 5, generator=gen, dtype=dtype))
+    full = torch.linalg.svdvals(layer.delta_weight().detach().double())[:5]
+    torch.testing.assert_close(layer.delta_singular_values().double(), full,
+                               rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=0)
+    with torch.no_grad():
+        layer.lora_B.weight[:, 0] = layer.lora_B.weight[:, 1]  # rank 4: one value falls to ~0
+    sv = layer.delta_singular_values()
+    assert sv[-1] <= 40 * torch.finfo(dtype).eps * sv[0]
+    assert torch.linalg.matrix_rank(layer.delta_weight().detach()) == 4
+    torch.testing.assert_close((sv**2).sum(), layer.delta_weight().detach().norm() ** 2,
+                               rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=0)
+    assert torch.count_nonzero(lora.LoRALinear(torch.nn.Linear(8, 8), r=2, lora_alpha=2)
+                               .delta_singular_values()) == 0, "B = 0: no update, all values zero"

@@ -111,6 +111,23 @@ class LoRALinear(nn.Module):
         r"""The update $\Delta W = \frac{\alpha}{r} B A$, shape ``(out_features, in_features)``."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    @torch.no_grad()
+    def delta_singular_values(self) -> torch.Tensor:
+        r"""The $r$ largest singular values of $\Delta W$, largest first, without forming $\Delta W$.
+
+        With thin QR factorisations $B = Q_B R_B$ and $A^\top = Q_A R_A$,
+        $\Delta W = \frac{\alpha}{r} Q_B (R_B R_A^\top) Q_A^\top$; $Q_B$ and $Q_A$ have orthonormal
+        columns, so $\Delta W$ has the singular values of the $r \times r$ matrix
+        $\frac{\alpha}{r} R_B R_A^\top$ (and zeros). That costs $O(r^2 (d_{in} + d_{out}))$
+        instead of an SVD of a $(d_{out} \times d_{in})$ matrix (chapter 3, exercise 1).
+
+        Returns:
+            shape ``(r,)``, in the adapter's dtype; their squares sum to $\|\Delta W\|_F^2$.
+        """
+        _, r_b = torch.linalg.qr(self.lora_B.weight)  # (r, r)
+        _, r_a = torch.linalg.qr(self.lora_A.weight.T)  # (r, r)
+        return torch.linalg.svdvals(r_b @ r_a.T) * abs(self.scaling)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.merged or not self.enabled:
