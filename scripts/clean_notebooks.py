@@ -33,7 +33,7 @@ WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 PROGRESS_LINE = re.compile(r"^.*\d+%\|.*\|\s*\d+(\.\d+)?[kMG]?/\d+(\.\d+)?[kMG]?\s*\[.*\]\s*$")
 CURSOR_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's cursor-up between nested bars
 # llmbook.models says so on standard error when it converts the packaged weights (first load only).
-NOTICE = re.compile(r"^llmbook: (first load, converting .*|converted in \d+ s; later loads read the cache)$")
+NOTICE = re.compile(r"^llmbook: (first load, converting .*|\s*step \d of \d, .*|converted in \d+ s; later loads read the cache)$")
 MODEL_REF = re.compile(r"IPY_MODEL_([0-9a-f]{32})")
 
 

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 
 ROOT = Path(__file__).parents[1]
@@ -55,6 +56,15 @@ def test_chapter_has_checks_figures_and_folded_solutions(path):
     for cell in prose:
         assert re.match(r"```\{admonition\} Solution \d+\n:class: dropdown\n", "".join(cell["source"])), \
             f"solution prose must be a dropdown: {''.join(cell['source'])[:60]!r}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_names_the_projects_kernel_which_setup_registers(path):
+    """Opened from any Jupyter or editor, a chapter asks for the project's environment."""
+    spec = nbformat.read(path, as_version=4).metadata.kernelspec
+    assert (spec.name, spec.display_name) == ("llmbook", "Python (llmbook)")
+    makefile = (ROOT / "Makefile").read_text()
+    assert f'--name {spec.name} --display-name "{spec.display_name}"' in makefile
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)

@@ -124,3 +124,15 @@ def test_command_line(tmp_path, capsys):
         clean_notebooks.main([str(tmp_path / "missing.ipynb")])
     assert "notebooks:" in capsys.readouterr().err
 
+
+
+def test_the_first_loads_step_lines_count_as_progress(capsys):
+    """What llmbook.models prints while it builds the cache is taken out of a saved chapter."""
+    import time
+
+    from llmbook import models
+
+    models._step(2, "reading the tokenizer", time.perf_counter())
+    text = capsys.readouterr().err
+    assert text.startswith("llmbook:") and clean_notebooks.is_progress_text(text)
+    assert not clean_notebooks.is_progress_text(text + "UserWarning: something else\n")

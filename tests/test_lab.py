@@ -75,10 +75,11 @@ def lab(tmp_path):
     if shutil.which("make") is None:
         pytest.skip("`make` is not installed")
     port = free_port()
-    notebooks = tmp_path / "notebooks"  # serve an empty folder: nothing of the book is opened or run
+    notebooks = tmp_path / "notebooks"  # the reader's copy goes here; nothing of it is opened or run
     notebooks.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "JUPYTER_TOKEN"}
-    env.update(JUPYTER_CONFIG_DIR=str(tmp_path / "config"), JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
+    env.update(JUPYTER_CONFIG_DIR=str(tmp_path / "config"), JUPYTER_DATA_DIR=str(tmp_path / "data"),
+               JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
                JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "workspaces"))
     process = subprocess.Popen(["make", "--no-print-directory", "-o", "setup", "lab", f"LAB_PORT={port}",
                                 f"LAB_DIR={notebooks}", "LAB_ARGS=--no-browser"], cwd=ROOT, env=env,

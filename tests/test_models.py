@@ -590,3 +590,27 @@ def test_default_model_answers_paris_offline_and_reloads_fast(monkeypatch, hashe
     assert getattr(cfg, "quantization_config", None) is None
     answer = models.chat(model, tokenizer, "What is the capital of France?", max_new_tokens=16)
     assert "Paris" in answer, answer
+
+
+def test_the_first_load_reports_its_steps_and_leaves_no_bar(real_cache, tmp_path, monkeypatch, capfd):
+    """The conversion names each step as it starts; the GGUF reader's own tqdm bar is not drawn."""
+    import transformers
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(real_cache)
+
+    def weights(*args, **kwargs):  # stands in for the GGUF reader, which draws its bar like this
+        assert list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")) == [0, 1, 2]
+        return models.tiny_model(vocab_size=len(tokenizer))
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", weights)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer)
+    real_bar = gguf_utils.tqdm
+    models._convert_gguf(tmp_path / models.GGUF_FILE, tmp_path / "out")
+    err = capfd.readouterr().err
+    steps = [line for line in err.splitlines() if "step" in line]
+    assert [line.split(",")[0].split("llmbook:")[1].strip() for line in steps] == \
+        ["step 1 of 3", "step 2 of 3", "step 3 of 3"], err
+    assert "GGUF tensors" not in err and "%|" not in err, err  # no bar, the writer's neither
+    assert gguf_utils.tqdm is real_bar  # put back afterwards
+    assert (tmp_path / "out" / "config.json").is_file()

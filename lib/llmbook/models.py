@@ -311,9 +311,17 @@ def _no_progress_bars():
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    # The GGUF reader draws its own bar (plain tqdm, which the switch above does not reach);
+    # in a notebook it would stay in the cell's output. The conversion reports its steps instead.
+    gguf_utils = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
     try:
         yield
     finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
         if was_enabled:
             hf_logging.enable_progress_bar()
 
@@ -361,12 +369,29 @@ def _remove_leftovers(final: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _step(k: int, what: str, start: float) -> None:
+    """One line per step of the first load, on standard error (where progress bars go)."""
+    print(f"llmbook:   step {k} of 3, {what} ({time.perf_counter() - start:.0f} s so far)",
+          file=sys.stderr, flush=True)
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """De-quantise the GGUF model into fp32 safetensors plus its tokenizer, in ``out``."""
+    import transformers.modeling_gguf_pytorch_utils  # noqa: F401 (so that its bar can be hidden)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    start = time.perf_counter()
+    with _no_progress_bars():
+        _step(1, "reading the configuration and de-quantising the weights", start)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        _step(2, "reading the tokenizer", start)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        _step(3, "writing the cache", start)
+        _save(model, tokenizer, out)
+
+
+def _save(model, tokenizer, out: Path) -> None:
+    """Write the de-quantised model (fp32 safetensors) and its tokenizer into ``out``."""
     # The weights are de-quantised already; the GGUF mark only stops saving.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -415,11 +440,10 @@ def _build(gguf: Path, final: Path) -> None:
     try:
         try:
             # The first load only: say what is happening (on standard error, like a progress bar).
-            print(f"llmbook: first load, converting {gguf.name} into the model cache {final} ...",
-                  file=sys.stderr, flush=True)
+            print(f"llmbook: first load, converting {gguf.name} into the model cache {final} "
+                  "(once; about 20 s on a laptop) ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
-            with _no_progress_bars():
-                _convert_gguf(gguf, tmp)
+            _convert_gguf(gguf, tmp)
             print(f"llmbook: converted in {time.perf_counter() - start:.0f} s; later loads read the cache",
                   file=sys.stderr, flush=True)
         except OSError:
