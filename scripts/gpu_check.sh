@@ -68,6 +68,17 @@ for nb in $("$PY" scripts/book_toc.py --notebooks); do
   run_timed "$nb" "$PY" -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env "$nb"
 done
 
+# Chapter 10's jobs on GPUs, one process per GPU over NCCL, where the machine has 2 or more.
+gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+if [ "$gpus" -ge 2 ]; then
+  run_timed "2 processes on 2 GPUs (NCCL): gradients job" "$PY" -c \
+    "from llmbook import distributed; import torch; distributed.launch('llmbook.jobs.gradients', '--out', '/tmp/llmbook-gradients.pt'); r = torch.load('/tmp/llmbook-gradients.pt'); print(r['backend'], r['global_distance']); assert r['backend'] == 'nccl' and r['global_distance'] < 1e-3"
+  run_timed "2 processes on 2 GPUs (NCCL): accelerate launch, configs/accelerate/ddp.yaml" "$PY" -c \
+    "from llmbook import distributed as d; d.launch('llmbook.jobs.sft_lora', '--out', '/tmp/llmbook-ddp.pt', launcher='accelerate', config=d.config_path('ddp'))"
+else
+  echo "one GPU: chapter 10's jobs ran on the CPU (gloo) within the unit tests and the chapter"
+fi
+
 device=$("$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"{p.name}, {p.total_memory / 2**30:.0f} GiB")')
 versions=$("$PY" -c 'import torch, transformers, peft, trl, platform; print(f"Python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}")')
 mkdir -p "$(dirname "$REPORT")"

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmbook import data, dpo, extraction, grpo, hallucination as H, lora, losses, models, plots, prefix, sampling, train, utils, widgets
+from llmbook import data, distributed, dpo, extraction, grpo, hallucination as H, lora, losses, models, plots, prefix, sampling, train, utils, widgets
 
 V = 16  # vocabulary of the small logits
 TINY_V = 256  # vocabulary of models.tiny_model
@@ -716,6 +716,29 @@ BAD = [
     ("seed-str", lambda c: utils.seed_everything("a"), TypeError, "seed must be an integer"),
     ("smooth-window-zero", lambda c: plots.smooth([1.0, 2.0], 0), ValueError, "window must be >= 1"),
     ("smooth-window-float", lambda c: plots.smooth([1.0, 2.0], 1.5), TypeError, "window must be an integer"),
+    ("launch-module", lambda c: distributed.launch("rm -rf x"), ValueError, "module must be a dotted module name"),
+    ("launch-args", lambda c: distributed.launch("llmbook.jobs.crash", 3), TypeError, "args must be strings"),
+    ("launch-nproc-zero", lambda c: distributed.launch("llmbook.jobs.crash", nproc=0), ValueError, "nproc must be"),
+    ("launch-nproc-100", lambda c: distributed.launch("llmbook.jobs.crash", nproc=100), ValueError, "nproc must be"),
+    ("launch-launcher", lambda c: distributed.launch("llmbook.jobs.crash", launcher="mpirun"), ValueError,
+     "launcher must be one of"),
+    ("launch-config-missing", lambda c: distributed.launch("llmbook.jobs.crash", launcher="accelerate"), ValueError,
+     "config: an accelerate config file is needed"),
+    ("launch-config-not-a-file", lambda c: distributed.launch("llmbook.jobs.crash", launcher="accelerate",
+                                                              config="no/such.yaml"), ValueError,
+     "config must be an accelerate config file"),
+    ("launch-timeout", lambda c: distributed.launch("llmbook.jobs.crash", timeout=0), ValueError,
+     "timeout must be a positive number"),
+    ("launch-threads", lambda c: distributed.launch("llmbook.jobs.crash", threads=0), ValueError, "threads must be"),
+    ("shard-uneven", lambda c: distributed.shard([1, 2, 3], 0, 2), ValueError, "3 do not split evenly over 2"),
+    ("shard-rank", lambda c: distributed.shard([1, 2], 2, 2), ValueError, r"rank must be in \[0, 2\)"),
+    ("shard-world", lambda c: distributed.shard([1, 2], 0, 0), ValueError, "world_size must be"),
+    ("zero-stage", lambda c: distributed.zero_bytes_per_device(10, 2, 4), ValueError, "stage must be one of"),
+    ("zero-params", lambda c: distributed.zero_bytes_per_device(0, 2, 1), ValueError, "n_params must be"),
+    ("zero-devices-float", lambda c: distributed.zero_bytes_per_device(10, 2.5, 1), TypeError, "n_devices must be"),
+    ("zero-bytes", lambda c: distributed.zero_bytes_per_device(10, 2, 1, {"weights": 2}), ValueError,
+     "bytes_per_param must give"),
+    ("config_path-name", lambda c: distributed.config_path("zero1"), ValueError, "name must be one of"),
 ]
 
 
@@ -735,6 +758,9 @@ NO_ARGUMENTS = {
     "utils.peak_memory_start", "utils.peak_memory_since",  # a device (torch names a bad one) and a count it returned
     "train.move_to",  # any value: what is not a tensor, dict, list or tuple is returned as it is
     "prefix.prefix_kv_shape",  # a transformers config; tests/test_prefix.py checks its refusals
+    "distributed.init", "distributed.device",  # no arguments: they read the launcher's environment
+    "distributed.held_bytes",  # a module and an optimiser; tests/test_distributed.py measures them
+    "distributed.DistributedJobError",  # an exception class, raised by launch
 }
 
 
@@ -745,7 +771,7 @@ def test_the_table_reaches_every_public_function():
     import sys
 
     table = inspect.getsource(sys.modules[__name__]).split("BAD = [", 1)[1].split("\n]\n", 1)[0]
-    aliases = {"data": data, "dpo": dpo, "H": H, "lora": lora, "losses": losses, "models": models, "plots": plots,
+    aliases = {"data": data, "distributed": distributed, "dpo": dpo, "H": H, "lora": lora, "losses": losses, "models": models, "plots": plots,
                "prefix": prefix, "sampling": sampling, "grpo": grpo, "extraction": extraction, "train": train,
                "utils": utils, "widgets": widgets}
     missing = []

@@ -5,6 +5,7 @@ as done, since the test runs inside the environment it makes) on a free loopback
 talks to it over 127.0.0.1 only, and stops it, all within a bounded time.
 """
 
+import contextlib
 import os
 import queue
 import re
@@ -40,8 +41,8 @@ def status(url: str) -> int:
         return error.code
 
 
-def listening_addresses(port: int) -> set[str]:
-    """Local addresses of sockets listening on ``port``, from the kernel's tables (Linux)."""
+def listening_sockets() -> set[tuple[str, int]]:
+    """(local address as the kernel writes it, port) of every listening TCP socket (Linux)."""
     found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -51,9 +52,14 @@ def listening_addresses(port: int) -> set[str]:
         for line in lines:
             local, state = line.split()[1], line.split()[3]
             address, hex_port = local.split(":")
-            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
-                found.add(address)
+            if state == "0A":  # 0A: LISTEN
+                found.add((address, int(hex_port, 16)))
     return found
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of sockets listening on ``port``."""
+    return {address for address, p in listening_sockets() if p == port}
 
 
 def group_command_lines(pgid: int) -> list[str]:
@@ -68,21 +74,22 @@ def group_command_lines(pgid: int) -> list[str]:
     return lines
 
 
-@pytest.fixture
-def lab(tmp_path):
+@contextlib.contextmanager
+def running_lab(tmp: Path, lab_dir: Path):
+    """`make lab` serving ``lab_dir``, with Jupyter's own folders under ``tmp``; stopped afterwards.
+
+    Yields ``(port, token, process, output so far)``. Skips where JupyterLab or make is missing.
+    """
     if not JUPYTER.exists():
         pytest.skip(f"JupyterLab is not installed in this environment ({JUPYTER} is missing); `make setup` installs it")
     if shutil.which("make") is None:
         pytest.skip("`make` is not installed")
     port = free_port()
-    notebooks = tmp_path / "notebooks"  # the reader's copy goes here; nothing of it is opened or run
-    notebooks.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "JUPYTER_TOKEN"}
-    env.update(JUPYTER_CONFIG_DIR=str(tmp_path / "config"), JUPYTER_DATA_DIR=str(tmp_path / "data"),
-               JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
-               JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "workspaces"))
+    env.update(JUPYTER_CONFIG_DIR=str(tmp / "config"), JUPYTER_DATA_DIR=str(tmp / "data"),
+               JUPYTER_RUNTIME_DIR=str(tmp / "runtime"), JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces"))
     process = subprocess.Popen(["make", "--no-print-directory", "-o", "setup", "lab", f"LAB_PORT={port}",
-                                f"LAB_DIR={notebooks}", "LAB_ARGS=--no-browser"], cwd=ROOT, env=env,
+                                f"LAB_DIR={lab_dir}", "LAB_ARGS=--no-browser"], cwd=ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
@@ -116,6 +123,14 @@ def lab(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
+
+
+@pytest.fixture
+def lab(tmp_path):
+    notebooks = tmp_path / "notebooks"  # the reader's copy goes here; nothing of it is opened or run
+    notebooks.mkdir()
+    with running_lab(tmp_path, notebooks) as started:
+        yield started
 
 
 def test_make_lab_serves_loopback_only_and_asks_for_its_token(lab):

@@ -23,16 +23,9 @@ is skipped with the command that installs them, as the book's browser test is.
 from __future__ import annotations
 
 import hashlib
-import os
-import queue
-import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import nbformat
@@ -42,11 +35,11 @@ from nbformat.sign import NotebookNotary
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 from test_browser import CHROMIUM_FLAGS, INSTALL_CHROMIUM, find_chromium  # noqa: E402
+from test_lab import running_lab  # noqa: E402
 
 CHAPTER = "06_sampling.ipynb"
 RUN_CELLS = 3  # the first code cells: imports and the model, the prompts' logits, temperature
 SHOTS = ROOT / "_build" / "screenshots"
-START_SECONDS = 120
 PROMPT_IS = """([k, what]) => new RegExp(`\\[${what}\\]`).test(
     document.querySelectorAll('.jp-Notebook .jp-CodeCell')[k].querySelector('.jp-InputPrompt').textContent)"""
 
@@ -66,47 +59,13 @@ def lab(tmp_path_factory):
         pytest.skip(INSTALL_CHROMIUM)
     pytest.importorskip("playwright.sync_api",
                         reason="Playwright for Python is missing: `make setup` installs it (the `test` extra)")
-    if shutil.which("make") is None or shutil.which("git") is None:
-        pytest.skip("`make` and `git` are needed")
+    if shutil.which("git") is None:
+        pytest.skip("`git` is needed")
     tmp = tmp_path_factory.mktemp("lab")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "JUPYTER_TOKEN"}
-    env.update(JUPYTER_CONFIG_DIR=str(tmp / "config"), JUPYTER_DATA_DIR=str(tmp / "data"),
-               JUPYTER_RUNTIME_DIR=str(tmp / "runtime"), JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces"))
     git_before = _git_status()
-    process = subprocess.Popen(["make", "--no-print-directory", "-o", "setup", "lab", f"LAB_PORT={port}",
-                                f"LAB_DIR={tmp / 'reader'}", "LAB_ARGS=--no-browser"], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    output, token = [], None
-    try:
-        deadline = time.monotonic() + START_SECONDS
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                line = lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            output.append(line)
-            match = re.search(r"/lab\?token=([0-9a-f]+)", line)
-            token = match.group(1) if match else token
-            if token and "is running at" in line:
-                break
-        if token is None or process.poll() is not None:
-            pytest.fail(f"make lab did not start JupyterLab within {START_SECONDS} s:\n" + "".join(output))
+    with running_lab(tmp, tmp / "reader") as (port, token, _, output):
         yield {"origin": f"http://127.0.0.1:{port}", "token": token, "reader": tmp / "reader",
-               "data": tmp / "data", "output": "".join(output), "git_before": git_before}
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+               "data": tmp / "data", "output": output, "git_before": git_before}
 
 
 @pytest.fixture(scope="module")
