@@ -89,6 +89,28 @@ def _running(marker: str) -> list[int]:
     return found
 
 
+def _interrupted_when_ready(ready: Path, run, look=lambda: None):
+    """Run ``run()`` and raise KeyboardInterrupt in it (as a stopped notebook cell does) once both
+    processes have written ``ready.<rank>``; returns what ``look()`` saw at that moment."""
+    seen = {}
+
+    def interrupt(signum, frame):
+        if all(Path(f"{ready}.{rank}").exists() for rank in range(2)):
+            seen["value"] = look()
+            raise KeyboardInterrupt
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    return seen.get("value")
+
+
 def test_two_processes_train_like_one_process_on_the_whole_batch(jobs, tmp_path):
     module = jobs("ddp_worker", WORKER)
     distributed.launch(module, str(tmp_path / "out.pt"))
@@ -140,26 +162,12 @@ def test_an_interrupted_launch_leaves_no_process_and_listened_on_loopback_only(j
     module = jobs("sleeper_interrupted", SLEEPER)
     ready = tmp_path / "ready"
     before = listening_sockets()
-    seen: dict[str, set] = {}
-
-    def interrupt_when_ready(signum, frame):
-        if all(Path(f"{ready}.{rank}").exists() for rank in range(2)):
-            seen["during"] = listening_sockets() - before
-            raise KeyboardInterrupt
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
-
-    previous = signal.signal(signal.SIGALRM, interrupt_when_ready)
-    signal.setitimer(signal.ITIMER_REAL, 0.2)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            distributed.launch(module, str(ready), timeout=100)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    seen = _interrupted_when_ready(ready, lambda: distributed.launch(module, str(ready), timeout=100),
+                                   lambda: listening_sockets() - before)
     assert _running(module) == []
-    assert seen["during"], "the job's processes opened no port (gloo's pairs listen)"
+    assert seen, "the job's processes opened no port (gloo's pairs listen)"
     # 0100007F is 127.0.0.1 in the kernel's table; nothing on 0.0.0.0 or ::
-    assert {address for address, _ in seen["during"]} == {"0100007F"}, seen["during"]
+    assert {address for address, _ in seen} == {"0100007F"}, seen
 
 
 def test_accelerate_launch_with_the_committed_config_computes_one_processs_gradient(tmp_path):
@@ -213,21 +221,8 @@ def test_an_interrupted_accelerate_launch_leaves_no_worker(jobs, tmp_path):
     """torchrun starts its workers in sessions of their own; the job's mark finds them."""
     module = jobs("sleeper_accelerate", SLEEPER)
     ready = tmp_path / "ready"
-
-    def interrupt_when_ready(signum, frame):
-        if all(Path(f"{ready}.{rank}").exists() for rank in range(2)):
-            raise KeyboardInterrupt
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
-
-    previous = signal.signal(signal.SIGALRM, interrupt_when_ready)
-    signal.setitimer(signal.ITIMER_REAL, 0.2)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            distributed.launch(module, str(ready), launcher="accelerate", config=distributed.config_path("ddp"),
-                               timeout=100)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    _interrupted_when_ready(ready, lambda: distributed.launch(
+        module, str(ready), launcher="accelerate", config=distributed.config_path("ddp"), timeout=100))
     assert _running(module) == []
 
 
