@@ -7,7 +7,7 @@ worker fails, the time runs out, or the notebook's cell is interrupted.
 
 Inside a job, :func:`init` joins the process group (gloo on CPUs, NCCL on GPUs),
 :func:`shard` gives each rank its slice of the global batch, and :func:`held_bytes`
-measures what this process holds: parameters, gradients and optimiser state, counting a
+counts what this process holds: parameters, gradients and optimiser state, counting a
 sharded tensor (FSDP2's ``DTensor``) by its local shard.
 
 :func:`zero_bytes_per_device` is the ZeRO paper's memory model (Rajbhandari et al., 2020):
