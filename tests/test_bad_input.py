@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmbook import data, distributed, dpo, extraction, grpo, hallucination as H, lora, losses, models, plots, prefix, sampling, train, utils, widgets
+from llmbook import data, distributed, dpo, extraction, grpo, hallucination as H, lora, losses, models, plots, ppo, prefix, rewards, sampling, train, utils, widgets
 
 V = 16  # vocabulary of the small logits
 TINY_V = 256  # vocabulary of models.tiny_model
@@ -739,6 +739,41 @@ BAD = [
     ("zero-bytes", lambda c: distributed.zero_bytes_per_device(10, 2, 1, {"weights": 2}), ValueError,
      "bytes_per_param must give"),
     ("config_path-name", lambda c: distributed.config_path("zero1"), ValueError, "name must be one of"),
+    ("RewardModel-backbone", lambda c: rewards.RewardModel(torch.nn.Linear(2, 2)), TypeError,
+     "backbone must be a transformers causal LM"),
+    ("RewardModel-init_std", lambda c: rewards.RewardModel(c.tiny, init_std=-1.0), ValueError, "init_std must be >= 0"),
+    ("last_token-shapes", lambda c: rewards.last_token(torch.zeros(2, 3), torch.ones(2, 4)), ValueError,
+     "scores and attention_mask must both be"),
+    ("reward_loss-nan", lambda c: rewards.reward_loss(torch.tensor([math.nan]), torch.zeros(1)), ValueError,
+     "rewards_chosen must be finite"),
+    ("reward_loss-margin", lambda c: rewards.reward_loss(torch.zeros(2), torch.zeros(2), margin=torch.zeros(3)),
+     ValueError, r"margin must be \(B,\)"),
+    ("reward_compute_loss-missing", lambda c: rewards.compute_loss(rewards.RewardModel(c.tiny),
+                                                                  {"chosen_input_ids": c.ids}),
+     ValueError, "batch is missing"),
+    ("gae-gamma", lambda c: ppo.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), gamma=1.5), ValueError,
+     r"gamma must be in \[0, 1\]"),
+    ("gae-left-padded", lambda c: ppo.gae(torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([[0, 1, 1]])),
+     ValueError, "padding on the right"),
+    ("kl_penalised_rewards-kl_coef", lambda c: ppo.kl_penalised_rewards(torch.zeros(2), torch.zeros(2, 3),
+                                                                        torch.zeros(2, 3), torch.ones(2, 3),
+                                                                        kl_coef=-0.1),
+     ValueError, "kl_coef must be >= 0"),
+    ("whiten-shape", lambda c: ppo.whiten(torch.zeros(2, 3), torch.ones(3, 2)), ValueError, "mask must have values'"),
+    ("policy_loss-nan", lambda c: ppo.policy_loss(torch.full((1, 2), math.nan), torch.zeros(1, 2), torch.zeros(1, 2),
+                                                  torch.ones(1, 2)), ValueError, "logprobs must be finite"),
+    ("value_loss-cliprange", lambda c: ppo.value_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2),
+                                                      torch.ones(1, 2), cliprange_value=-1.0), ValueError,
+     "cliprange_value must be > 0"),
+    ("completion_values-model", lambda c: ppo.completion_values(c.tiny, c.grpo_batch()), TypeError,
+     "value_model must be an llmbook.rewards.RewardModel"),
+    ("ppo_rollout-max_new_tokens", lambda c: ppo.rollout(c.tiny, c.ids, num_generations=2, max_new_tokens=0,
+                                                         top_layers=1), ValueError, "max_new_tokens must be >= 1"),
+    ("ppo_compute_loss-models", lambda c: ppo.compute_loss(c.tiny, c.grpo_batch()), TypeError,
+     "models must be an nn.ModuleDict"),
+    ("ppo_compute_loss-missing", lambda c: ppo.compute_loss(torch.nn.ModuleDict({"policy": c.tiny, "value":
+                                                                                 rewards.RewardModel(c.tiny)}),
+                                                            c.grpo_batch()), ValueError, "batch is missing"),
 ]
 
 
@@ -772,7 +807,7 @@ def test_the_table_reaches_every_public_function():
 
     table = inspect.getsource(sys.modules[__name__]).split("BAD = [", 1)[1].split("\n]\n", 1)[0]
     aliases = {"data": data, "distributed": distributed, "dpo": dpo, "H": H, "lora": lora, "losses": losses, "models": models, "plots": plots,
-               "prefix": prefix, "sampling": sampling, "grpo": grpo, "extraction": extraction, "train": train,
+               "prefix": prefix, "sampling": sampling, "grpo": grpo, "rewards": rewards, "ppo": ppo, "extraction": extraction, "train": train,
                "utils": utils, "widgets": widgets}
     missing = []
     for alias, module in aliases.items():
