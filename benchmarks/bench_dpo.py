@@ -21,13 +21,12 @@ TRL's on an identical batch.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 
 import torch
 
-from trl_steps import TRLSteps, time_steps
+from trl_steps import TRLSteps, child_result, time_steps
 
 WARMUP, STEPS, PAIRS, BETA, LR = 2, 4, 4, 0.1, 1e-4
 LORA = dict(r=8, lora_alpha=16)
@@ -125,10 +124,7 @@ def run_trl(precompute: bool) -> dict:
 
 
 def _child(which: str, precompute: bool) -> dict:
-    out = subprocess.run([sys.executable, __file__, which, str(int(precompute))], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"{which} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_result(__file__, which, str(int(precompute)))
 
 
 def main():

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
 import sys
 import tempfile
 
 import torch
 
-from trl_steps import TRLSteps, time_steps
+from trl_steps import TRLSteps, child_result, time_steps
 
 WARMUP, STEPS, PROMPTS, G, MAX_NEW, BETA, LR = 2, 5, 4, 8, 4, 0.04, 1e-5
 LORA = dict(r=8, lora_alpha=16)
@@ -112,10 +111,7 @@ def run_trl() -> dict:
 
 
 def _child(which: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, which], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"{which} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_result(__file__, which)
 
 
 def main():

@@ -25,13 +25,12 @@ the timed steps add is a few MiB on both sides and says nothing.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 
 import torch
 
-from trl_steps import TRLSteps, time_steps
+from trl_steps import TRLSteps, child_result, time_steps
 
 WARMUP, STEPS, PAIRS, LR = 2, 4, 4, 1e-4
 LORA = dict(r=8, lora_alpha=16)
@@ -150,10 +149,7 @@ def run_trl() -> dict:
 
 
 def _child(which: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, which], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"{which} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_result(__file__, which)
 
 
 def main():

@@ -1,14 +1,26 @@
-"""Timing one training step of ours against one step of a TRL trainer (used by bench_dpo and bench_grpo).
+"""Timing one training step of ours against one step of a TRL trainer (bench_dpo, bench_grpo, bench_reward).
 
 :func:`time_steps` times any step callable the same way; :class:`TRLSteps` makes one
-optimiser step of ``trainer.train()`` such a callable.
+optimiser step of ``trainer.train()`` such a callable; :func:`child_result` runs one side
+of a benchmark in a process of its own, so that its peak memory is its own.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 
 from llmbook.utils import peak_memory_since, peak_memory_start, time_interleaved
+
+
+def child_result(script: str, *args: str) -> dict:
+    """Run ``python script *args`` and return the JSON object its last line of output prints."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def time_steps(step, device, ready=lambda: None, *, warmup: int, steps: int) -> dict:
