@@ -142,6 +142,67 @@ def term_pattern(term: str) -> re.Pattern:
     return re.compile(rf"(?<![\w-])(?:{alternatives})(?![\w-])", re.I)
 
 
+WORD_TABLE = "| English | 中文 | not |"
+
+
+@dataclass(frozen=True)
+class Word:
+    """One row of the glossary's table of Chinese words: the word, and the ones it replaces."""
+    english: str
+    chinese: str
+    chosen: re.Pattern
+    avoided: tuple[tuple[str, re.Pattern], ...]
+
+
+def _word_pattern(word: str, *, spaced: bool = False) -> re.Pattern:
+    """`word` in a translation: a run of digits stands for any number, a space for any (or,
+    with `spaced`, at least one) white space; Latin letters match in any case."""
+    parts = []
+    for piece in re.split(r"(\d+|\s+)", word):
+        if piece.isdigit():
+            parts.append(r"\d+(?:[.,]\d+)*")
+        elif piece.isspace():
+            parts.append(r"\s+" if spaced else r"\s*")
+        elif piece:
+            parts.append(re.escape(piece))
+    return re.compile("".join(parts), re.I)
+
+
+def word_table(path: Path = ROOT / "glossary.md") -> list[Word]:
+    """The glossary's table of Chinese words (its section "One Chinese word per concept")."""
+    rows, inside = [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() == WORD_TABLE:
+            inside = True
+            continue
+        if not inside or line.startswith("|---"):
+            continue
+        if not line.startswith("|"):
+            break
+        english, chinese, avoided = (c.strip() for c in line.strip().strip("|").split("|"))
+        words = [] if avoided in ("—", "-", "") else [w.strip() for w in avoided.split(" / ")]
+        # "50 %" against "50%": the same word but for a space, which is then what is avoided.
+        rows.append(Word(english, chinese, _word_pattern(chinese), tuple(
+            (w, _word_pattern(w, spaced=_squash(w) == _squash(chinese))) for w in words)))
+    return rows
+
+
+def avoided_words(text: str, words: list[Word]) -> list[str]:
+    """What `text` (a translation) writes that the word table says to write otherwise."""
+    rest, _ = strip_spans(text)
+    problems = []
+    for word in words:
+        # An avoided word inside the chosen one is the chosen one ("种子" in "随机种子").
+        chosen = [m.span() for m in word.chosen.finditer(rest)]
+        for avoided, pattern in word.avoided:
+            found = [m.group(0) for m in pattern.finditer(rest)
+                     if not any(a <= m.start() and m.end() <= b for a, b in chosen)]
+            if found:
+                problems.append(f"writes {found[0]!r} ({avoided!r}): the glossary's Chinese for "
+                                f"{word.english!r} is {word.chinese!r}")
+    return problems
+
+
 # --- catalogues ------------------------------------------------------------------------------
 
 @dataclass
@@ -224,8 +285,12 @@ def update(pot_dir: Path, locale: Path) -> None:
         print(f"{po_file}: {filled} copied as they are, {len(obsolete)} obsolete removed, {todo} to translate")
 
 
-def check_entry(entry: polib.POEntry, terms: dict[str, tuple[str, re.Pattern]]) -> list[str]:
-    """What is wrong with one translated message (an empty list when nothing is)."""
+def check_entry(entry: polib.POEntry, terms: dict[str, tuple[str, re.Pattern]],
+                words: list[Word] = ()) -> list[str]:
+    """What is wrong with one translated message (an empty list when nothing is).
+
+    `terms` are the glossary's terms (:func:`term_patterns`), `words` its table of Chinese
+    words (:func:`word_table`)."""
     if not entry.msgstr:
         return ["no translation"]
     if "fuzzy" in entry.flags:
@@ -251,6 +316,7 @@ def check_entry(entry: polib.POEntry, terms: dict[str, tuple[str, re.Pattern]]) 
         for chinese, (english, pattern) in terms.items():
             if pattern.search(rest_en) and _squash(chinese) not in _squash(rest_zh):
                 problems.append(f"the glossary's Chinese for {english} is {chinese!r}, missing here")
+        problems += avoided_words(entry.msgstr, list(words))
     return problems
 
 
@@ -275,7 +341,7 @@ def check(pot_dir: Path, locale: Path, pages: list[str] | None = None) -> list[P
     unknown = sorted(set(pages or []) - set(known))
     if unknown:
         raise ValueError(f"--page {unknown[0]!r} is not a page of the book; the pages are: {', '.join(known)}")
-    terms = term_patterns()
+    terms, words = term_patterns(), word_table()
     problems = []
     for pot_file in sorted(pot_dir.rglob("*.pot")):
         page = str(pot_file.relative_to(pot_dir).with_suffix(""))
@@ -294,7 +360,7 @@ def check(pot_dir: Path, locale: Path, pages: list[str] | None = None) -> list[P
                 problems.append(Problem(page, line, "not in the catalogue (run: python "
                                         "scripts/book_i18n.py update, then translate it)", entry.msgid))
                 continue
-            problems += [Problem(page, line, what, entry.msgid) for what in check_entry(found, terms)]
+            problems += [Problem(page, line, what, entry.msgid) for what in check_entry(found, terms, words)]
     return problems
 
 
