@@ -3,7 +3,9 @@
 Sphinx's gettext builder cuts every page into messages (a paragraph, a heading, a table
 cell, a list item), keyed by their English Markdown. The Chinese of each lives in
 ``locale/zh_CN/LC_MESSAGES/<page>.po``; the Chinese build replaces every message by its
-translation and keeps code, outputs and figures of the same executed notebooks.
+translation and keeps code and outputs of the same executed notebooks; the text of their
+figures (SVG) and the column headers of their tables are messages too, replaced in the
+Chinese build's own copy of the figures and pages.
 
     python scripts/book_i18n.py update   # English changed: refresh the catalogues
     python scripts/book_i18n.py check    # every message translated, nothing fuzzy, spans kept
@@ -15,7 +17,8 @@ its old Chinese marked *fuzzy*, a new one gets none. ``check`` (and so ``build``
 of the English cannot land without its Chinese. It also fails when a translation loses or
 changes a math span, a code span, a number, a link or a role's target, when its bold and
 italics differ from the English's (a ``**`` beside Chinese punctuation may not close), when it leaves a
-glossary term out of its glossary Chinese, and when it has no Chinese at all without the
+glossary term out of its glossary Chinese, when it writes a word the glossary's table of
+Chinese words replaces, and when it has no Chinese at all without the
 translator comment ``same in Chinese`` (a name, an English term in the glossary's own
 column). Messages with nothing to translate (numbers, code, math, text already Chinese)
 are filled in by ``update`` itself.
@@ -24,12 +27,15 @@ are filled in by ``update`` itself.
 from __future__ import annotations
 
 import argparse
+import html
+import json
 import os
 import re
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from xml.etree import ElementTree
 
 import polib
 
@@ -217,6 +223,145 @@ class Problem:
         return f"{self.page} ({self.line}): {self.what}\n    English: {english!r}"
 
 
+# --- the text of figures and table headers in the executed notebooks ------------------------
+#
+# Figures are SVG with their text as text (llmbook.plots.use_style). Every line of a figure's
+# text (title, axis label, legend entry, annotation) and every column header of a displayed
+# table is a message of its page's catalogue, beside the prose; the Chinese build translates
+# the figures and tables of its own copy of the pages, from the same executed notebooks.
+
+SVG = "{http://www.w3.org/2000/svg}"
+FIGURE, TABLE = "figure text", "table header"
+# Words a formula may spell in upright type ($\log$, $\mathrm{KL}$): not words to translate.
+MATH_WORDS = {"log", "exp", "min", "max", "clip", "kl", "bon", "ref", "old", "softmax", "nats", "bits"}
+TH = re.compile(r"(<th\b[^>]*>)(.*?)(</th>)", re.S)
+THEAD = re.compile(r"<thead\b.*?</thead>", re.S)
+# Chinese fonts a reader's system may have, tried before the figure's generic sans-serif.
+CJK_FONTS = "'Noto Sans CJK SC', 'Source Han Sans SC', 'PingFang SC', 'Microsoft YaHei', "
+
+
+def _svg_lines(svg: str) -> tuple[list[ElementTree.Element], list[str]]:
+    """The <text> elements of a figure that hold a line of text, and the formulas among the
+    others that also spell words (their words cannot be translated: one glyph per <tspan>)."""
+    lines, mixed = [], []
+    for element in ElementTree.fromstring(svg).iter(f"{SVG}text"):
+        spans = list(element)
+        if not spans:
+            if (element.text or "").strip():
+                lines.append(element)
+            continue
+        # A formula: upright glyphs next to each other that spell a word are prose inside it.
+        runs, run = [], ""
+        for span in spans:
+            if "italic" in (span.get("style") or "") or "DejaVu Sans" not in (span.get("style") or ""):
+                runs.append(run)
+                run = ""
+            else:
+                run += span.text or ""
+        runs.append(run)
+        words = [w for r in runs for w in re.findall(r"[A-Za-z]{3,}", r) if w.lower() not in MATH_WORDS]
+        if words:
+            mixed.append("".join(s.text or "" for s in spans))
+    return lines, mixed
+
+
+def _cell_text(markup: str) -> str:
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", markup)).split())
+
+
+def output_messages(notebook: Path) -> tuple[list[tuple[int, str, str]], list[tuple[int, str]]]:
+    """(code cell, kind, text) of every figure line and table column header worth translating,
+    and (code cell, formula) of the figure texts that mix words into a formula."""
+    cells = [c for c in json.loads(notebook.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == "code"]
+    found, mixed = [], []
+    for index, cell in enumerate(cells):
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "image/svg+xml" in data:
+                lines, formulas = _svg_lines("".join(data["image/svg+xml"]))
+                found += [(index, FIGURE, " ".join(e.text.split())) for e in lines]
+                mixed += [(index, f) for f in formulas]
+            for head in THEAD.findall("".join(data.get("text/html", ""))):
+                found += [(index, TABLE, _cell_text(m.group(2))) for m in TH.finditer(head)]
+    return [(i, k, s) for i, k, s in found if s and not nothing_to_translate(s)], mixed
+
+
+def add_output_messages(pot_dir: Path) -> None:
+    """Append each chapter's figure and table-header messages to its .pot."""
+    for pot_file in sorted(pot_dir.rglob("*.pot")):
+        notebook = ROOT / pot_file.relative_to(pot_dir).with_suffix(".ipynb")
+        if not notebook.exists():
+            continue
+        pot = polib.pofile(str(pot_file), wrapwidth=0)
+        known = {e.msgid: e for e in pot}
+        for index, kind, text in output_messages(notebook)[0]:
+            where = (notebook.name, str(index))
+            if text in known:
+                if where not in known[text].occurrences:
+                    known[text].occurrences.append(where)
+                if kind not in (known[text].comment or ""):
+                    known[text].comment = "; ".join(filter(None, [known[text].comment, kind]))
+                continue
+            known[text] = polib.POEntry(msgid=text, msgstr="", comment=kind, occurrences=[where])
+            pot.append(known[text])
+        pot.save(str(pot_file))
+
+
+def _translate_svg(svg: str, catalogue: dict[str, str]) -> tuple[str, int]:
+    """`svg` with each line of text that `catalogue` translates replaced; how many were."""
+    done = 0
+
+    def line(m: re.Match) -> str:
+        nonlocal done
+        english = " ".join(html.unescape(m.group(2)).split())
+        if english not in catalogue:
+            return m.group(0)
+        done += 1
+        start = m.group(1).replace("sans-serif", CJK_FONTS + "sans-serif", 1)
+        return start + html.escape(catalogue[english], quote=False) + m.group(3)
+
+    return re.sub(r"(<text\b[^>]*>)([^<]+)(</text>)", line, svg), done
+
+
+def translate_outputs(out: Path, locale: Path, pages: list[str]) -> int:
+    """Translate, in the built Chinese pages under `out`, the figures (their SVG files) and the
+    table headers of the notebooks' outputs; returns how many texts were replaced."""
+    replaced = 0
+    for page in pages:
+        page_html, po_file = out / f"{page}.html", po_path(page, locale)
+        if not page_html.exists() or not po_file.exists():
+            continue
+        entries = [e for e in polib.pofile(str(po_file)) if e.msgstr and "fuzzy" not in e.flags]
+        figures = {e.msgid: e.msgstr for e in entries if FIGURE in (e.comment or "")}
+        tables = {e.msgid: e.msgstr for e in entries if TABLE in (e.comment or "")}
+        text = page_html.read_text(encoding="utf-8")
+        for src in sorted(set(re.findall(r'<img\b[^>]*\bsrc="([^"]+\.svg)"', text))):
+            image = (page_html.parent / src).resolve()
+            if out.resolve() in image.parents and image.exists():
+                svg, done = _translate_svg(image.read_text(encoding="utf-8"), figures)
+                image.write_text(svg, encoding="utf-8")
+                replaced += done
+        text, done = _translate_headers(text, tables)
+        page_html.write_text(text, encoding="utf-8")
+        replaced += done
+    return replaced
+
+
+def _translate_headers(page: str, catalogue: dict[str, str]) -> tuple[str, int]:
+    """`page` with the column headers of its tables that `catalogue` translates replaced."""
+    done = 0
+
+    def header(m: re.Match) -> str:
+        nonlocal done
+        english = _cell_text(m.group(2))
+        if english not in catalogue:
+            return m.group(0)
+        done += 1
+        return m.group(1) + html.escape(catalogue[english], quote=False) + m.group(3)
+
+    return THEAD.sub(lambda head: TH.sub(header, head.group(0)), page), done
+
+
 def po_path(page: str, locale: Path) -> Path:
     return locale / LANGUAGE / "LC_MESSAGES" / f"{page}.po"
 
@@ -251,6 +396,7 @@ def extract(pot_dir: Path) -> list[str]:
             os.environ["SOURCE_DATE_EPOCH"] = epoch
     if code:
         raise SystemExit(f"the gettext build failed (exit {code})")
+    add_output_messages(pot_dir)
     return sorted(str(p.relative_to(pot_dir).with_suffix("")) for p in pot_dir.rglob("*.pot"))
 
 
@@ -352,6 +498,11 @@ def check(pot_dir: Path, locale: Path, pages: list[str] | None = None) -> list[P
             problems.append(Problem(page, str(po_file), "no catalogue for this page "
                                     "(run: python scripts/book_i18n.py update)", ""))
             continue
+        notebook = ROOT / f"{page}.ipynb"
+        for index, formula in (output_messages(notebook)[1] if notebook.exists() else []):
+            problems.append(Problem(page, f"{notebook.name}, code cell {index}", "a figure text mixes words "
+                                    "into a formula, which cannot be translated: give the words a text of "
+                                    "their own (a label, a title) and keep the formula all math", formula))
         translated = {e.msgid: e for e in polib.pofile(str(po_file)) if not e.obsolete}
         for entry in polib.pofile(str(pot_file)):
             line = ", ".join(f"{Path(f).name}:{n}" for f, n in entry.occurrences[:2])
@@ -380,11 +531,15 @@ def build(out: Path, locale: Path, pot_dir: Path) -> int:
     words.parent.mkdir(parents=True, exist_ok=True)
     words.write_text("".join(f"{zh} 1000\n" for zh in sorted(set(glossary_terms().values()))
                              if CJK.search(zh) and not re.search(r"\s", zh)), encoding="utf-8")
-    return build_sphinx_here(out, "html", ROOT / "_build" / ".doctrees-zh",
+    code = build_sphinx_here(out, "html", ROOT / "_build" / ".doctrees-zh",
                              {"language": LANGUAGE, "locale_dirs": [str(locale.resolve())],
                               "gettext_compact": False, "html_title": TITLE_ZH,
                               "html_search_language": "zh", "html_search_options": {"dict": str(words)}},
                              strict=True)
+    if code == 0:
+        pages = [str(p.relative_to(pot_dir).with_suffix("")) for p in pot_dir.rglob("*.pot")]
+        print(f"{translate_outputs(out, locale, pages)} figure texts and table headers translated")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,7 @@ import yaml
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+import book_i18n  # noqa: E402
 from book_toc import toc_files  # noqa: E402
 # $LLMBOOK_HTML tests a book built elsewhere (jupyter-book build --path-output DIR: DIR/_build/html).
 HTML = Path(os.environ.get("LLMBOOK_HTML", ROOT / "_build" / "html")).resolve()
@@ -560,6 +561,35 @@ def test_every_chapter_is_linked_from_the_map_and_the_glossary(reader, page, edi
 # ---------------------------------------------------------------------------- sliders
 
 # The chapters whose figures have sliders (llmbook.widgets.frame_slider); each must work on the built page.
+SVG_TEXTS_JS = """async sources => Promise.all(sources.map(src => fetch(src).then(r => r.text())))"""
+
+
+@pytest.mark.parametrize("page", CHAPTER_PAGES)
+def test_the_chinese_figures_and_table_headers_are_chinese(reader, page):
+    """The Chinese page's figures, as the browser fetches them, carry the catalogue's Chinese for
+    every line of figure text it translates, and none of those English lines; so do its tables'
+    column headers. The figure screenshots (``zh__chapters__*-figure.png``) show them drawn."""
+    if "zh/" + page not in PAGES:
+        pytest.skip(f"zh/{page} is not built")
+    entries = [e for e in polib.pofile(str(ROOT / "locale" / "zh_CN" / "LC_MESSAGES" / page.replace(".html", ".po")))
+               if e.msgstr != e.msgid]
+    figure = {e.msgid: e.msgstr for e in entries if book_i18n.FIGURE in (e.comment or "")}
+    table = {e.msgid: e.msgstr for e in entries if book_i18n.TABLE in (e.comment or "")}
+    sources = [img["src"] for img in reader("zh/" + page).images if img["src"].endswith(".svg")]
+    assert sources, "the figures are SVG"
+    tab = reader.context.new_page()
+    try:
+        tab.goto(f"{reader.origin}/zh/{page}", wait_until="load")
+        svgs = tab.evaluate(SVG_TEXTS_JS, sources)
+        headers = tab.evaluate("() => [...document.querySelectorAll('article thead th')].map(th => th.textContent.trim())")
+    finally:
+        tab.close()
+    lines = [" ".join(e.text.split()) for svg in svgs for e in book_i18n._svg_lines(svg)[0]]
+    assert not [line for line in lines if line in figure], "figure text left in English"
+    assert any(line in figure.values() and book_i18n.CJK.search(line) for line in lines), "no Chinese figure text"
+    assert not [h for h in headers if h in table], "table headers left in English"
+
+
 SLIDER_CHAPTERS = ["chapters/03_lora.html", "chapters/06_sampling.html", "chapters/07_dpo.html"]
 
 # The frame shown next to slider k: the image of the panel that holds it (a stack shows one frame at a time).

@@ -41,7 +41,7 @@ def test_chapter_has_checks_figures_and_folded_solutions(path):
     assert sum("assert" in src for src in code) >= 5, "each claim needs an assertion next to it"
     assert any(src.startswith("# NBVAL_CHECK_OUTPUT") for src in code)
     images = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]
-              if "image/png" in o.get("data", {})]
+              if "image/svg+xml" in o.get("data", {})]
     assert images, "a chapter shows at least one figure"
     text = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
     assert "## Exercises" in text and "Learning goals" in text and "## Summary" in text
@@ -333,3 +333,24 @@ def test_the_output_check_finds_what_it_should():
     assert reader_visible_problems(nb([], {"m": {"model_name": "FloatProgressModel"}}))
     assert reader_visible_problems(nb([], {"m": {"model_name": "IntSliderModel"}})) == []
     assert reader_visible_problems(nb([stream("see https://example.org/tmp/x and a/tmp/b\n")])) == []
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_figures_are_svg_whose_text_a_browser_can_draw_and_the_chinese_edition_translate(path):
+    """Every figure is SVG with its words as text (plots.use_style), so that the Chinese edition
+    translates them; no glyph is a font's private code point (a formula in a font the browser
+    lacks, drawn as boxes); and no figure text mixes words into a formula (untranslatable)."""
+    import book_i18n
+
+    nb = json.loads(path.read_text())
+    figures = [o["data"] for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]
+               if "image/png" in o.get("data", {}) or "image/svg+xml" in o.get("data", {})]
+    assert figures and all("image/png" not in d for d in figures), "figures are SVG, not PNG: call plots.use_style()"
+    for data in figures:
+        svg = "".join(data["image/svg+xml"])
+        assert "<text" in svg and "<dc:date>" not in svg, "figure text is text (svg.fonttype none), undated"
+        private = [ch for ch in svg if "\ue000" <= ch <= "\uf8ff"]
+        assert not private, f"glyphs at private code points: {private[:3]} (write that formula without \\mathcal)"
+    messages, mixed = book_i18n.output_messages(path)
+    assert not mixed, f"figure texts that mix words into a formula: {mixed}"
+    assert any(kind == book_i18n.FIGURE for _, kind, _ in messages)

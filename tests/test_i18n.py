@@ -7,6 +7,7 @@ paragraph added and one edited must refuse to build its Chinese edition, naming 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -213,3 +214,108 @@ def test_bold_that_chinese_punctuation_keeps_from_closing_is_named():
     assert book_i18n.check_entry(entry(english, "在**继续预训练**（CPT）中加入知识，再做 SFT。"), {}) == []
     broken = book_i18n.check_entry(entry(english, "在**继续预训练（CPT）**中加入知识，再做 SFT。"), {})
     assert len(broken) == 1 and broken[0].startswith("bold/italic differ"), broken
+
+
+# --- one Chinese word per concept -------------------------------------------------------------
+
+def test_the_word_table_names_the_word_a_translation_should_use():
+    words = book_i18n.word_table()
+    chosen = {w.english: w.chinese for w in words}
+    assert chosen["seed"] == "随机种子" and chosen["prompt masking"] == "prompt 掩码"
+    for text, bad in [("用 3 个种子", "种子"), ("精度 50 %", "50 %"), ("见原始笔记", "原始笔记"),
+                      ("提示部分不计损失", "提示部分不计损失"), ("屏蔽prompt", "屏蔽prompt"), ("素数", "素数")]:
+        problems = book_i18n.avoided_words(text, words)
+        assert len(problems) == 1 and problems[0].startswith(f"writes {bad!r}"), (text, problems)
+    # The chosen word is no variant of itself ("种子" inside "随机种子"), nor is code or math.
+    for text in ["3 个随机种子", "精度 50%", "笔记说", "prompt 掩码", "`few-shot` 与 $50 \\%$"]:
+        assert book_i18n.avoided_words(text, words) == [], text
+    # The check of a message uses the table.
+    message = entry("3 seeds.", "3 个种子。")
+    assert book_i18n.check_entry(message, {}, words) == [
+        "writes '种子' ('种子'): the glossary's Chinese for 'seed' is '随机种子'"]
+
+
+# --- figures and table headers ----------------------------------------------------------------
+
+def svg_of(draw) -> str:
+    """A figure drawn by `draw(ax)` in the book's style, as the notebooks save it."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+    from llmbook import plots
+
+    plots.use_style()
+    fig, ax = plt.subplots()
+    draw(ax)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    plt.close(fig)
+    return buffer.getvalue().decode()
+
+
+def notebook_with(tmp_path: Path, *data: dict) -> Path:
+    outputs = [{"output_type": "display_data", "data": d, "metadata": {}} for d in data]
+    path = tmp_path / "chapter.ipynb"
+    path.write_text(json.dumps({"cells": [{"cell_type": "markdown", "source": "x"},
+                                          {"cell_type": "code", "source": "", "outputs": outputs}]}))
+    return path
+
+
+def draw_losses(ax):
+    ax.plot([1, 2, 3], [3.0, 1.0, 2.0], label="ours")
+    ax.plot([1, 2, 3], [2.0, 2.0, 1.0], label="$\\beta = 0.1$")
+    ax.set(xlabel="step", ylabel="loss (nats)", title="Training loss")
+    ax.legend()
+
+
+TABLE = ("<table><thead><tr><th></th><th>held-out accuracy</th><th>0.5</th></tr></thead>"
+         "<tbody><tr><th>ours</th><td>0.8</td></tr></tbody></table>")
+
+
+def test_every_line_of_figure_text_and_every_column_header_is_a_message(tmp_path):
+    path = notebook_with(tmp_path, {"image/svg+xml": svg_of(draw_losses)}, {"text/html": TABLE})
+    messages, mixed = book_i18n.output_messages(path)
+    # Tick labels (numbers) and the formula are not messages; row labels (the index) are not either.
+    assert sorted(messages) == sorted([(0, book_i18n.FIGURE, "ours"), (0, book_i18n.FIGURE, "step"),
+                                       (0, book_i18n.FIGURE, "loss (nats)"),
+                                       (0, book_i18n.FIGURE, "Training loss"),
+                                       (0, book_i18n.TABLE, "held-out accuracy")]), messages
+    assert mixed == []
+
+
+def test_a_formula_with_words_in_it_is_named(tmp_path):
+    def draw(ax):
+        ax.plot([0, 1], [0, 1])
+        ax.set(xlabel="$r_w - r_l$ (implicit reward margin)", ylabel="$\\log \\pi / \\pi_{ref}$")
+
+    _, mixed = book_i18n.output_messages(notebook_with(tmp_path, {"image/svg+xml": svg_of(draw)}))
+    assert len(mixed) == 1 and "implicit" in mixed[0][1], mixed
+
+
+def test_the_chinese_build_translates_figures_and_table_headers(tmp_path):
+    out, locale = tmp_path / "zh", tmp_path / "locale"
+    (out / "_images").mkdir(parents=True)
+    (out / "chapters").mkdir()
+    svg = svg_of(draw_losses)
+    (out / "_images" / "f.svg").write_text(svg, encoding="utf-8")
+    (out / "chapters" / "x.html").write_text(f'<img alt="" src="../_images/f.svg" />{TABLE}', encoding="utf-8")
+    po = polib.POFile()
+    for english, chinese, kind in [("Training loss", "训练损失", book_i18n.FIGURE), ("step", "步", book_i18n.FIGURE),
+                                   ("held-out accuracy", "留出集准确率", book_i18n.TABLE)]:
+        po.append(polib.POEntry(msgid=english, msgstr=chinese, comment=kind))
+    path = book_i18n.po_path("chapters/x", locale)
+    path.parent.mkdir(parents=True)
+    po.save(str(path))
+    assert book_i18n.translate_outputs(out, locale, ["chapters/x"]) == 3
+    translated = (out / "_images" / "f.svg").read_text(encoding="utf-8")
+    lines, _ = book_i18n._svg_lines(translated)
+    texts = {e.text for e in lines}
+    assert {"训练损失", "步", "ours", "loss (nats)"} <= texts and "Training loss" not in texts
+    assert "Noto Sans CJK SC" in translated
+    page = (out / "chapters" / "x.html").read_text(encoding="utf-8")
+    assert "<th>留出集准确率</th>" in page and "<th>ours</th>" in page
+    # Run again (an incremental build): nothing is left to replace, nothing breaks.
+    assert book_i18n.translate_outputs(out, locale, ["chapters/x"]) == 0

@@ -51,8 +51,26 @@ def use_style() -> None:
             "ytick.labelsize": 9,
             "axes.prop_cycle": mpl.cycler(color=_CYCLE),
             "image.cmap": "viridis",
+            # Figures are SVG whose text stays text: the Chinese edition translates a
+            # figure's title, labels and legend from the same executed notebook.
+            "svg.fonttype": "none",
+            "svg.hashsalt": "llmbook",
         }
     )
+    _inline_svg()
+
+
+def _inline_svg() -> None:
+    """In a notebook, show figures as SVG (no creation date, so a re-run changes nothing)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    if get_ipython() is None:
+        return
+    from matplotlib_inline.backend_inline import set_matplotlib_formats
+
+    set_matplotlib_formats("svg", metadata={"Date": None})
 
 
 def subplots(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.2, **kwargs):
