@@ -250,10 +250,12 @@ def _svg_lines(svg: str) -> tuple[list[ElementTree.Element], list[str]]:
             if (element.text or "").strip():
                 lines.append(element)
             continue
-        # A formula: upright glyphs next to each other that spell a word are prose inside it.
+        # A formula, one glyph per <tspan>, grouped by font: upright glyphs that spell a word
+        # (other than a function name such as log) are prose inside it.
         runs, run = [], ""
         for span in spans:
-            if "italic" in (span.get("style") or "") or "DejaVu Sans" not in (span.get("style") or ""):
+            style = span.get("style") or ""
+            if "oblique" in style or "italic" in style or "DejaVu Sans" not in style:
                 runs.append(run)
                 run = ""
             else:
