@@ -309,8 +309,48 @@ def add_output_messages(pot_dir: Path) -> None:
         pot.save(str(pot_file))
 
 
+# A line of a multi-line figure text: matplotlib places it by its left end, with no anchor.
+UNANCHORED = re.compile(r'(<text style=")([^"]*)(" transform="translate\()([-\d.e]+) ([-\d.e]+)(\)">)([^<]+)(</text>)')
+
+
+def _width(text: str, style: str) -> float:
+    """The width of `text` as matplotlib laid it out (DejaVu Sans at the style's size)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    size = float(re.search(r"font-size: ([\d.]+)px", style).group(1))
+    return TextToPath().get_text_width_height_descent(text, FontProperties(family="DejaVu Sans", size=size),
+                                                       ismath=False)[0]
+
+
+def _anchor_lines(group: str, catalogue: dict[str, str]) -> str:
+    """Give the lines of one multi-line figure text the anchor of their alignment (found from
+    where their English lines start and end), so that a translation of another width stays
+    centred or right-aligned as the English was."""
+    lines = [m for m in UNANCHORED.finditer(group) if "text-anchor" not in m.group(2)]
+    if len(lines) < 2 or not any(" ".join(html.unescape(m.group(7)).split()) in catalogue for m in lines):
+        return group
+    ends = [(float(m.group(4)), _width(html.unescape(m.group(7)), m.group(2))) for m in lines]
+    spread = {share: max(x + share * w for x, w in ends) - min(x + share * w for x, w in ends)
+              for share in (0.0, 0.5, 1.0)}
+    share = min(spread, key=spread.get)
+    if share == 0.0:
+        return group
+    anchor = "middle" if share == 0.5 else "end"
+
+    def anchored(m: re.Match) -> str:
+        if "text-anchor" in m.group(2):
+            return m.group(0)
+        x = float(m.group(4)) + share * _width(html.unescape(m.group(7)), m.group(2))
+        return (m.group(1) + m.group(2).rstrip("; ") + f"; text-anchor: {anchor}" + m.group(3)
+                + f"{x:.6f} {m.group(5)}" + "".join(m.group(i) for i in (6, 7, 8)))
+
+    return UNANCHORED.sub(anchored, group)
+
+
 def _translate_svg(svg: str, catalogue: dict[str, str]) -> tuple[str, int]:
     """`svg` with each line of text that `catalogue` translates replaced; how many were."""
+    svg = "".join(_anchor_lines(group, catalogue) for group in re.split(r'(?=<g id="text_)', svg))
     done = 0
 
     def line(m: re.Match) -> str:

@@ -319,3 +319,26 @@ def test_the_chinese_build_translates_figures_and_table_headers(tmp_path):
     assert "<th>留出集准确率</th>" in page and "<th>ours</th>" in page
     # Run again (an incremental build): nothing is left to replace, nothing breaks.
     assert book_i18n.translate_outputs(out, locale, ["chapters/x"]) == 0
+
+
+@pytest.mark.parametrize("align, anchor", [("center", "middle"), ("right", "end"), ("left", None)])
+def test_a_translated_line_of_a_multi_line_text_keeps_its_alignment(align, anchor):
+    # matplotlib writes each line of a multi-line text at its left end, without an anchor.
+    def draw(ax):
+        ax.text(0.5, 0.5, "first line\nthe second, longer line", ha=align)
+
+    svg = svg_of(draw)
+    english = {e.text: e for e in book_i18n._svg_lines(svg)[0] if e.text in ("first line", "the second, longer line")}
+    assert len(english) == 2 and all("text-anchor" not in e.get("style") for e in english.values())
+    translated, done = book_i18n._translate_svg(svg, {"first line": "第一行"})
+    assert done == 1
+    line = next(e for e in book_i18n._svg_lines(translated)[0] if e.text == "第一行")
+    x = lambda e: float(re.search(r"translate\(([-\d.e]+)", e.get("transform")).group(1))  # noqa: E731
+    if anchor is None:
+        assert "text-anchor" not in line.get("style") and x(line) == x(english["first line"])
+    else:
+        # The anchor sits where the English line's centre (or right end) was: the same for both lines.
+        assert f"text-anchor: {anchor}" in line.get("style")
+        share = 0.5 if anchor == "middle" else 1.0
+        other = english["the second, longer line"]
+        assert x(line) == pytest.approx(x(other) + share * book_i18n._width(other.text, other.get("style")), abs=0.01)
