@@ -373,7 +373,9 @@ def translate_outputs(out: Path, locale: Path, pages: list[str]) -> int:
         page_html, po_file = out / f"{page}.html", po_path(page, locale)
         if not page_html.exists() or not po_file.exists():
             continue
-        entries = [e for e in polib.pofile(str(po_file)) if e.msgstr and "fuzzy" not in e.flags]
+        # Messages kept as they are (a name, a token) leave their text as it is.
+        entries = [e for e in polib.pofile(str(po_file))
+                   if e.msgstr and e.msgstr != e.msgid and "fuzzy" not in e.flags]
         figures = {e.msgid: e.msgstr for e in entries if FIGURE in (e.comment or "")}
         tables = {e.msgid: e.msgstr for e in entries if TABLE in (e.comment or "")}
         text = page_html.read_text(encoding="utf-8")
