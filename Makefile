@@ -15,7 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # has more; it does not emulate a slower clock. Chapter re-execution and timing run under it.
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
-.PHONY: setup data book lab lab-refresh test test-unit test-notebooks test-browser test-under-load bench times execute screenshot lock format clean gpu-check gpu-wheels
+.PHONY: setup data book lab lab-refresh test test-unit test-notebooks test-browser test-under-load bench times work execute screenshot lock format clean gpu-check gpu-wheels
 
 setup: $(STAMP) $(ASSETS)
 
@@ -97,6 +97,11 @@ bench: setup
 # in the intro) and the README's table. Rebuild the book afterwards to see them.
 times: setup
 	$(AVX2_ONLY) $(BIN)/python scripts/chapter_times.py
+
+# Count each chapter's work cell by cell (FLOPs, operator calls; llmbook.utils.WorkCounter) and
+# write docs/chapter_work.md: where the time `make times` measured goes. About 45 min on 2 cores.
+work: setup
+	$(AVX2_ONLY) $(BIN)/python scripts/chapter_work.py
 
 # Re-execute chapters in place, top to bottom in one kernel each, with this machine's own
 # kernels: the outputs that the book shows and that are committed. Progress bars, which a

@@ -790,6 +790,7 @@ NO_ARGUMENTS = {
     "data.data_dir", "models.cache_dir", "models.pick_device", "models.ModelCacheError",
     "models.ModelNotAvailableError", "plots.use_style", "utils.cpu_capability", "utils.umask", "utils.LiveTensorBytes", "sampling.Answers",
     "sampling.SharedPrefix",  # a record that prefix_cache makes; generate refuses anything else as prefix
+    "utils.WorkCounter",  # no arguments: a context manager that counts what runs inside it
     "utils.peak_memory_start", "utils.peak_memory_since",  # a device (torch names a bad one) and a count it returned
     "train.move_to",  # any value: what is not a tensor, dict, list or tuple is returned as it is
     "prefix.prefix_kv_shape",  # a transformers config; tests/test_prefix.py checks its refusals

@@ -263,6 +263,24 @@ def test_count_flops_is_2mnk_per_product_and_counts_the_backward_pass():
     assert utils.count_flops(lambda: torch.softmax(a, -1)) == 0  # elementwise work is not counted
 
 
+def test_work_counter_counts_products_and_every_operator_call_and_nests():
+    a, b = torch.randn(3, 5), torch.randn(5, 7)
+    with utils.WorkCounter() as outer:
+        with utils.WorkCounter() as inner:
+            c = a @ b
+        torch.relu(c + 1.0)  # two elementwise calls, no product
+    assert (inner.flops, inner.products, inner.ops) == (2 * 3 * 5 * 7, 1, 1)
+    assert (outer.flops, outer.products, outer.ops) == (2 * 3 * 5 * 7, 1, 3)
+    # entered and left as two calls, as around a notebook cell
+    counter = utils.WorkCounter()
+    counter.__enter__()
+    for _ in range(4):
+        a @ b
+    counter.__exit__(None, None, None)
+    a @ b  # after it left: not counted
+    assert (counter.flops, counter.products, counter.ops) == (4 * 2 * 3 * 5 * 7, 4, 4)
+
+
 def test_count_flops_equals_pytorchs_flop_counter_on_a_model():
     from torch.utils.flop_counter import FlopCounterMode
 

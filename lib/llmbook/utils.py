@@ -19,6 +19,7 @@ from llmbook._checks import check_bool, check_int, check_real
 __all__ = [
     "LiveTensorBytes",
     "TOLERANCES",
+    "WorkCounter",
     "cpu_capability",
     "cpu_has_native_bf16",
     "count_calls",
@@ -367,9 +368,9 @@ def count_flops(fn: Callable[[], object]) -> int:
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable with no arguments, got {type(fn).__name__}")
-    with _FlopCount() as counter:
+    with WorkCounter() as counter:
         fn()
-    return counter.total
+    return counter.flops
 
 
 def _cpu_attention_flops(query, key, value, *args, **kwargs) -> int:
@@ -387,8 +388,16 @@ def _cpu_attention_backward_flops(grad_out, query, key, value, *args, **kwargs) 
     return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
 
 
-class _FlopCount(TorchDispatchMode):
-    """Adds up ``torch.utils.flop_counter``'s count of every operator that runs inside it."""
+class WorkCounter(TorchDispatchMode):
+    """Counts the work PyTorch does while it is active (a context manager, or ``__enter__`` /
+    ``__exit__`` around code that is not one block, such as a notebook cell).
+
+    ``flops``: floating-point operations, as :func:`count_flops` counts them; ``products``:
+    the operator calls that have such a count (matrix products, attention); ``ops``: every
+    operator call PyTorch dispatches (elementwise work, views and copies included), the
+    number that grows with small steps such as decoding one token at a time, whatever
+    their size. Counters nest: an inner one sees its block, an outer one sees it too.
+    """
 
     def __init__(self) -> None:
         from torch.utils.flop_counter import flop_registry
@@ -400,14 +409,19 @@ class _FlopCount(TorchDispatchMode):
             aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
             aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
         }
-        self.total = 0
+        self.flops = self.products = self.ops = 0
+
+    def __repr__(self) -> str:
+        return f"WorkCounter(flops={self.flops}, products={self.products}, ops={self.ops})"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self.ops += 1
         count = self.registry.get(func._overloadpacket)
         if count is not None:
-            self.total += int(count(*args, **kwargs, out_val=out))
+            self.products += 1
+            self.flops += int(count(*args, **kwargs, out_val=out))
         return out
 
 
