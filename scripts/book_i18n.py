@@ -27,6 +27,7 @@ are filled in by ``update`` itself.
 from __future__ import annotations
 
 import argparse
+import functools
 import html
 import json
 import os
@@ -316,11 +317,18 @@ UNANCHORED = re.compile(r'(<text style=")([^"]*)(" transform="translate\()([-\d.
 def _width(text: str, style: str) -> float:
     """The width of `text` as matplotlib laid it out (DejaVu Sans at the style's size)."""
     from matplotlib.font_manager import FontProperties
-    from matplotlib.textpath import TextToPath
 
     size = float(re.search(r"font-size: ([\d.]+)px", style).group(1))
-    return TextToPath().get_text_width_height_descent(text, FontProperties(family="DejaVu Sans", size=size),
-                                                       ismath=False)[0]
+    return _text_to_path().get_text_width_height_descent(text, FontProperties(family="DejaVu Sans", size=size),
+                                                         ismath=False)[0]
+
+
+@functools.cache
+def _text_to_path():
+    """One matplotlib text layout engine for the whole build (it caches the fonts it loads)."""
+    from matplotlib.textpath import TextToPath
+
+    return TextToPath()
 
 
 def _anchor_lines(group: str, catalogue: dict[str, str]) -> str:
