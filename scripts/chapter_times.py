@@ -42,7 +42,9 @@ DEFAULT_LIMIT_S = 180
 # The slowest CPU of this kind measured so far (an AVX2-only AMD EPYC, Zen 3) ran the chapters
 # 1.2 to 1.6 times slower than the AMD EPYC these tables are measured on does under the AVX2
 # emulation (chapter 1: 69 s vs 57 s; 6: 77 s vs 49 s; 7: 287 s vs 181 s), in float32 on both.
-# A chapter whose headroom (budget / time) is below this may run over its budget there.
+# A chapter whose headroom (budget / time) is below this may run over its budget there. An Intel
+# Xeon at 2.80GHz (2026-12-07) ran them 0.85 to 1.53 times as long as that AMD EPYC (chapter 1:
+# 59 s vs 70 s; 5: 600 s vs 458 s; 8: 332 s vs 217 s).
 SLOWEST_CPU_FACTOR = 1.6
 CELL_TIMEOUT_S = 1800
 
@@ -172,7 +174,7 @@ def describe_runs(times: dict, order: list[str]) -> str:
              f"CPU `make times` emulates it (`ATEN_CPU_CAPABILITY=avx2`, `ONEDNN_MAX_CPU_ISA=AVX2`, "
              f"`MKL_ENABLE_INSTRUCTIONS=AVX2`), which selects the same kernels but not a slower clock or memory. "
              f"Headroom is the budget divided by the run time: the slowest CPU of this kind measured so far ran the "
-             f"chapters up to {SLOWEST_CPU_FACTOR}x slower than this one, so a headroom below "
+             f"chapters up to {SLOWEST_CPU_FACTOR}x slower than an AMD EPYC does under the same emulation, so a headroom below "
              f"{SLOWEST_CPU_FACTOR}x (in bold) may not be enough there")
     text += "."
     if loads:
