@@ -1,6 +1,7 @@
 """Static checks of the committed chapters: what the book renders must be what the code does."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -354,3 +355,31 @@ def test_figures_are_svg_whose_text_a_browser_can_draw_and_the_chinese_edition_t
     messages, mixed = book_i18n.output_messages(path)
     assert not mixed, f"figure texts that mix words into a formula: {mixed}"
     assert any(kind == book_i18n.FIGURE for _, kind, _ in messages)
+
+
+def _checked_cell_notebook(tmp_path, committed_svg, committed_text):
+    """A one-cell notebook whose committed outputs may differ from what the cell prints."""
+    source = (
+        "# NBVAL_CHECK_OUTPUT\nfrom IPython.display import display\nprint('0.713')\n"
+        "display({'image/svg+xml': '<svg><path d=\"M 1.000001\"/></svg>', 'text/plain': 'fig'}, raw=True)"
+    )
+    cell = nbformat.v4.new_code_cell(source, execution_count=1)
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text=committed_text),
+        nbformat.v4.new_output("display_data", data={"image/svg+xml": committed_svg, "text/plain": "fig"}),
+    ]
+    notebook = nbformat.v4.new_notebook(cells=[cell])
+    (tmp_path / "conftest.py").write_text((ROOT / "chapters" / "conftest.py").read_text())
+    nbformat.write(notebook, tmp_path / "checked.ipynb")
+    return subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p",
+                           "no:cacheprovider", "-q", "checked.ipynb"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_checked_cells_compare_printed_text_but_not_svg_coordinates(tmp_path):
+    """Another CPU's kernels move a figure's coordinates in the sixth decimal: that passes;
+    a changed printed number fails."""
+    moved = _checked_cell_notebook(tmp_path, '<svg><path d="M 1.000002"/></svg>', "0.713\n")
+    assert moved.returncode == 0, moved.stdout[-2000:]
+    changed = _checked_cell_notebook(tmp_path, '<svg><path d="M 1.000001"/></svg>', "0.705\n")
+    assert changed.returncode == 1 and "Cell outputs differ" in changed.stdout, changed.stdout[-2000:]
