@@ -77,6 +77,12 @@ def describe_failure(nb, err: Exception) -> str:
     return f"{where}{name}: {' '.join(str(value).split())[:160]}"
 
 
+def first_code_line(source: str) -> str:
+    """A cell's first line that is neither blank nor a comment, as the profiles name cells."""
+    code = [line for line in source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return (code[0] if code else "").strip()[:70]
+
+
 def run_one(path: str) -> dict:
     nb = nbformat.read(ROOT / path, as_version=4)
     kernel = nb.metadata.get("kernelspec", {}).get("name", "python3")
@@ -111,9 +117,7 @@ def cell_profile(nb, top: int = 3) -> list[dict]:
             continue
         seconds = (datetime.fromisoformat(ended.replace("Z", "+00:00"))
                    - datetime.fromisoformat(began.replace("Z", "+00:00"))).total_seconds()
-        code = [line for line in cell.source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-        cells.append({"cell": index, "first_line": (code[0] if code else "").strip()[:70],
-                      "seconds": round(seconds, 1)})
+        cells.append({"cell": index, "first_line": first_code_line(cell.source), "seconds": round(seconds, 1)})
     total = sum(c["seconds"] for c in cells) or 1.0
     for c in cells:
         c["share"] = round(c["seconds"] / total, 3)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import machine_info
 import nbformat
-from chapter_times import ROOT, TIMES_JSON, minutes, toc_notebooks
+from chapter_times import ROOT, TIMES_JSON, first_code_line, minutes, toc_notebooks
 from nbclient import NotebookClient
 
 WORK_JSON = ROOT / "docs" / "chapter_work.json"
@@ -65,12 +65,6 @@ get_ipython().events.register("post_run_cell", _work_post)
 """
 
 
-def first_line(source: str) -> str:
-    """A cell's first line of code, as ``chapter_times.cell_profile`` records it."""
-    code = [line for line in source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    return (code[0] if code else "").strip()[:70]
-
-
 def count_one(path: str, threads: int) -> dict:
     """Runs one chapter with the counter; its code cells' counts, in order."""
     nb = nbformat.read(ROOT / path, as_version=4)
@@ -98,7 +92,7 @@ def count_one(path: str, threads: int) -> dict:
             break
         if row.pop("source") != source:
             raise RuntimeError(f"{path}: the counts of code cell {index} are not its own")
-        cells.append({"cell": index, "first_line": first_line(source), **row})
+        cells.append({"cell": index, "first_line": first_code_line(source), **row})
     return {"cells": cells, "error": error, "counted_seconds": round(time.perf_counter() - start, 1),
             "threads": threads}
 
@@ -187,7 +181,7 @@ def render(work: dict, order: list[str], times: dict) -> str:
         other = seconds - arith - calls if seconds else None
         for i, v in enumerate([seconds or 0, arith, calls, other or 0, flops, ops]):
             totals[i] += v
-        out.append(f"| {Path(path).stem} | {minutes(seconds) if seconds else '—'} | {flops / 1e9:,.0f} | "
+        out.append(f"| {Path(path).stem} | {signed(seconds)} | {flops / 1e9:,.0f} | "
                    f"{ops / 1e6:.2f} M | {minutes(arith)} | {minutes(calls)} | {signed(other)} |")
     seconds, arith, calls, other, flops, ops = totals
     out.append(f"| **all** | **{minutes(seconds)}** | **{flops / 1e9:,.0f}** | **{ops / 1e6:.2f} M** | "
