@@ -622,3 +622,35 @@ def test_a_shared_prefix_that_does_not_hold_is_refused():
         losses.labelled_logits(model, batch | {"shared_prefix": 7})
     with pytest.raises(ValueError, match="group_size .3. must divide the batch's 4 rows"):
         losses.shared_prefix(batch, 3)
+
+
+def test_the_head_multiplies_contiguous_rows_and_only_those_asked_for():
+    """A count, never a slice, would hand the head strided rows (hidden[:, -n:]); without
+    autograd PyTorch multiplies those as a batched product that reads the head once per
+    row. Every scoring path must give it contiguous rows, and no row it does not need."""
+    from llmbook import sampling
+
+    model = models.tiny_model(seed=0, vocab_size=50)
+    seen = []
+    model.lm_head.register_forward_pre_hook(
+        lambda module, args: seen.append((args[0].is_contiguous(), args[0].shape[:-1].numel())))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 50, (4, 10), generator=g)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    shared = batch | {"input_ids": torch.cat([ids[:1, :5].expand(4, 5), ids[:, 5:]], 1)}
+    shared["shared_prefix"] = (losses.shared_prefix(shared), 4)
+    expected = {"labelled_logits": 4 * 4, "labelled_logits, shared prefix": 4 * 4,
+                "answer_logps": 4 * losses.logits_to_keep(labels), "generate": 4 * 3}
+    with torch.no_grad():
+        for name, call in {
+            "labelled_logits": lambda: losses.labelled_logits(model, batch),
+            "labelled_logits, shared prefix": lambda: losses.labelled_logits(model, shared),
+            "answer_logps": lambda: losses.answer_logps(model, batch),
+            "generate": lambda: sampling.generate(model, ids, max_new_tokens=3, temperature=0.0),
+        }.items():
+            seen.clear()
+            call()
+            assert all(contiguous for contiguous, _ in seen), f"{name}: strided rows reached the head"
+            assert sum(rows for _, rows in seen) == expected[name], (name, seen)

@@ -38,7 +38,14 @@ from collections.abc import Mapping
 
 import torch
 
-from llmbook._checks import accepts_keyword, check_float_tensor, check_int, check_int_tensor, check_tensor
+from llmbook._checks import (
+    accepts_keyword,
+    check_float_tensor,
+    check_int,
+    check_int_tensor,
+    check_tensor,
+    keep_logits,
+)
 from llmbook.data import IGNORE_INDEX  # the label of a position that carries no loss
 
 __all__ = [
@@ -252,7 +259,7 @@ def answer_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
         return per_token_logps(head(_last_hidden(model, batch)[:, T - keep:]), labels[:, T - keep:], ignore_index)
     inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
     if keep < T and accepts_keyword(model, "logits_to_keep"):
-        inputs["logits_to_keep"] = keep
+        inputs |= keep_logits(model, torch.arange(T - keep, T, device=labels.device))
     else:
         keep = T
     logits = model(**inputs, use_cache=False).logits  # (B, keep, V)
@@ -325,23 +332,29 @@ def _last_hidden(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> t
     positions go through the model once per group of ``g`` rows, and the rest of each row
     continues from copies of their keys and values."""
     inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
-    last_only = {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
     shared = _checked_shared_prefix(batch, inputs)
     if shared is None:
-        return model(**inputs, **last_only, output_hidden_states=True, use_cache=False).hidden_states[-1]
+        return model(**inputs, **_no_logits(model, inputs), output_hidden_states=True,
+                     use_cache=False).hidden_states[-1]
     s, g = shared
     mask = inputs.pop("attention_mask", None)
     head = {name: value[::g, :s] for name, value in inputs.items()}  # one row per group
     if mask is not None:
         head["attention_mask"] = mask[::g, :s]
     with _cache_slots_from_zero(model):
-        out = model(**head, **last_only, output_hidden_states=True, use_cache=True)
+        out = model(**head, **_no_logits(model, head), output_hidden_states=True, use_cache=True)
         cache = out.cache
         cache.batch_repeat_interleave(g)
         tail = {name: value[:, s:] for name, value in inputs.items()}
-        rest = model(**tail, attention_mask=mask, cache=cache, **last_only, output_hidden_states=True,
+        rest = model(**tail, attention_mask=mask, cache=cache, **_no_logits(model, tail), output_hidden_states=True,
                      use_cache=True)
     return torch.cat([out.hidden_states[-1].repeat_interleave(g, dim=0), rest.hidden_states[-1]], dim=1)
+
+
+def _no_logits(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict:
+    """The keyword that makes a forward on ``inputs`` project no position to the vocabulary."""
+    first = next(iter(inputs.values()))
+    return keep_logits(model, torch.zeros(first.shape[:2], dtype=torch.bool, device=first.device))
 
 
 def shared_prefix(batch: Mapping[str, torch.Tensor], group_size: int | None = None) -> int:

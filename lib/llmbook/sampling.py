@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from llmbook._checks import (
-    accepts_keyword,
     check_bool,
     check_float_tensor,
     check_generator,
@@ -47,6 +46,7 @@ from llmbook._checks import (
     check_real,
     check_tensor,
     check_token_ids,
+    keep_logits,
 )
 from llmbook.data import chat_prompt
 from llmbook.utils import eval_mode
@@ -408,13 +408,13 @@ def prefix_cache(model, prefix_ids) -> SharedPrefix:
         raise ValueError("prefix_ids must hold at least one token id")
     ids = torch.tensor(ids, device=model.device)
     with eval_mode(model):
-        cache = model(ids[None], use_cache=True, **_last_only(model)).cache
+        cache = model(ids[None], use_cache=True, **_last_only(model, ids)).cache
     return SharedPrefix(ids=ids, cache=cache, model_id=id(model))
 
 
-def _last_only(model) -> dict:
-    """The keyword that makes a forward project only the last position to the vocabulary."""
-    return {"logits_to_keep": 1} if accepts_keyword(model, "logits_to_keep") else {}
+def _last_only(model, input_ids: torch.Tensor) -> dict:
+    """The keyword that makes a forward on ``input_ids`` project only the last position to the vocabulary."""
+    return keep_logits(model, torch.tensor([-1], device=input_ids.device))
 
 
 @torch.no_grad()
@@ -554,7 +554,7 @@ def generate(
     is_greedy = torch.arange(N, device=device) % copies == 0 if greedy_first else None
 
     out = model(input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                **cache, **_last_only(model))
+                **cache, **_last_only(model, input_ids))
     cache, logits = out.cache, out.logits[:, -1].float()  # (B, V) the next-token logits, in fp32 like transformers
     if copies > 1:  # rows become prompt 0 copy 1, ..., prompt 0 copy n, prompt 1 copy 1, ...
         cache.batch_repeat_interleave(copies)
