@@ -643,11 +643,13 @@ def test_the_head_multiplies_contiguous_rows_and_only_those_asked_for():
     shared["shared_prefix"] = (losses.shared_prefix(shared), 4)
     expected = {"labelled_logits": 4 * 4, "labelled_logits, shared prefix": 4 * 4,
                 "answer_logps": 4 * losses.logits_to_keep(labels), "generate": 4 * 3}
+    expected["answer_logps, shared prefix"] = expected["answer_logps"]
     with torch.no_grad():
         for name, call in {
             "labelled_logits": lambda: losses.labelled_logits(model, batch),
             "labelled_logits, shared prefix": lambda: losses.labelled_logits(model, shared),
             "answer_logps": lambda: losses.answer_logps(model, batch),
+            "answer_logps, shared prefix": lambda: losses.answer_logps(model, shared),
             "generate": lambda: sampling.generate(model, ids, max_new_tokens=3, temperature=0.0),
         }.items():
             seen.clear()

@@ -256,7 +256,8 @@ def answer_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
     keep = logits_to_keep(labels, ignore_index)
     head = _output_head(model)
     if head is not None and batch.get("shared_prefix") is not None:  # run the shared positions once
-        return per_token_logps(head(_last_hidden(model, batch)[:, T - keep:]), labels[:, T - keep:], ignore_index)
+        kept = _last_hidden(model, batch)[:, T - keep:].contiguous()  # one product, not one per row (keep_logits)
+        return per_token_logps(head(kept), labels[:, T - keep:], ignore_index)
     inputs = {name: batch[name] for name in _MODEL_INPUTS if name in batch}
     if keep < T and accepts_keyword(model, "logits_to_keep"):
         inputs |= keep_logits(model, torch.arange(T - keep, T, device=labels.device))
