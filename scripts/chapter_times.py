@@ -16,6 +16,7 @@ failed and the script exits non-zero.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -83,8 +84,22 @@ def first_code_line(source: str) -> str:
     return (code[0] if code else "").strip()[:70]
 
 
-def run_one(path: str) -> dict:
+def code_fingerprint(path: str) -> str:
+    """A hash of what a run of chapter ``path`` executes: its code cells and llmbook's sources.
+
+    ``make work`` splits a chapter's time only where its counts come from the same code."""
+    digest = hashlib.sha256()
+    for source in sorted((ROOT / "lib" / "llmbook").rglob("*.py")):
+        digest.update(source.relative_to(ROOT).as_posix().encode() + b"\0" + source.read_bytes())
     nb = nbformat.read(ROOT / path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            digest.update(b"\0cell\0" + cell.source.encode())
+    return digest.hexdigest()[:16]
+
+
+def run_one(path: str) -> dict:
+    nb, code = nbformat.read(ROOT / path, as_version=4), code_fingerprint(path)
     kernel = nb.metadata.get("kernelspec", {}).get("name", "python3")
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name=kernel,
                             resources={"metadata": {"path": str((ROOT / path).parent)}})
@@ -100,7 +115,7 @@ def run_one(path: str) -> dict:
     return {"title": title(nb), "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1) if cpu > 0 else None,
             "code_cells": sum(c.cell_type == "code" for c in nb.cells), "error": error,
             "load_before": load_before, "load_after": machine_info.load_average(), "machine": machine_info.describe(),
-            "kernels": machine_info.kernel_path(), "profile": cell_profile(nb)}
+            "kernels": machine_info.kernel_path(), "profile": cell_profile(nb), "code": code}
 
 
 def cell_profile(nb, top: int = 3) -> list[dict]:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import machine_info
 import nbformat
-from chapter_times import ROOT, TIMES_JSON, first_code_line, minutes, toc_notebooks
+from chapter_times import ROOT, TIMES_JSON, code_fingerprint, first_code_line, minutes, toc_notebooks
 from nbclient import NotebookClient
 
 WORK_JSON = ROOT / "docs" / "chapter_work.json"
@@ -67,7 +67,7 @@ get_ipython().events.register("post_run_cell", _work_post)
 
 def count_one(path: str, threads: int) -> dict:
     """Runs one chapter with the counter; its code cells' counts, in order."""
-    nb = nbformat.read(ROOT / path, as_version=4)
+    nb, code = nbformat.read(ROOT / path, as_version=4), code_fingerprint(path)
     sources = [c.source for c in nb.cells if c.cell_type == "code"]
     nb.cells.insert(0, nbformat.v4.new_code_cell(HOOK))
     out = ROOT / "build" / "work" / (Path(path).stem + ".json")
@@ -94,7 +94,7 @@ def count_one(path: str, threads: int) -> dict:
             raise RuntimeError(f"{path}: the counts of code cell {index} are not its own")
         cells.append({"cell": index, "first_line": first_code_line(source), **row})
     return {"cells": cells, "error": error, "counted_seconds": round(time.perf_counter() - start, 1),
-            "threads": threads}
+            "threads": threads, "code": code}
 
 
 def reference_rates() -> dict:
@@ -147,9 +147,13 @@ def render(work: dict, order: list[str], times: dict) -> str:
 
     A chapter timed on another machine than the one the rates were measured on gets no
     split (its row says so): the rates of one CPU do not explain the times of another.
+    Nor does a chapter whose counts and time come from different code (the chapter's code
+    cells or llmbook changed in between: ``code_fingerprint``).
     """
     ref = work["reference"]
-    times = {p: t for p, t in times.items() if same_machine(t.get("machine", {}), ref["machine"])}
+    counted_code = {p: c.get("code") for p, c in work["chapters"].items()}
+    times = {p: t for p, t in times.items() if same_machine(t.get("machine", {}), ref["machine"])
+             and t.get("code") is not None and t.get("code") == counted_code.get(p)}
     rate, per_op = ref["flops_per_s"], ref["per_op_s"]
     out = ["<!-- Written by scripts/chapter_work.py (make work); edits here are overwritten. -->", "",
            "# Where the chapters' time goes, counted", "",
@@ -158,7 +162,8 @@ def render(work: dict, order: list[str], times: dict) -> str:
            "and attention (forward and backward); operator calls are every call PyTorch dispatched. Two rates, "
            f"measured on the machine the chapters were timed on ({ref['machine']['cores']} cores of "
            f"{ref['machine']['cpu']}, {ref['machine']['date']}) with {ref['kernels']} kernels and {ref['threads']} "
-           "threads, turn counts into seconds (a chapter timed on another machine shows no split):", "",
+           "threads, turn counts into seconds (a chapter timed on another machine, or on other code than it was "
+           "counted on, shows no split):", "",
            "| measurement | GFLOP | operator calls | seconds |", "|---|---|---|---|"]
     for name, m in ref["measurements"].items():
         out.append(f"| {name} | {m['flops'] / 1e9:.1f} | {m['ops']:,} | {m['seconds']:.3f} |")
@@ -184,7 +189,9 @@ def render(work: dict, order: list[str], times: dict) -> str:
         out.append(f"| {Path(path).stem} | {signed(seconds)} | {flops / 1e9:,.0f} | "
                    f"{ops / 1e6:.2f} M | {minutes(arith)} | {minutes(calls)} | {signed(other)} |")
     seconds, arith, calls, other, flops, ops = totals
-    out.append(f"| **all** | **{minutes(seconds)}** | **{flops / 1e9:,.0f}** | **{ops / 1e6:.2f} M** | "
+    every_split = all(p in times for p in work["chapters"])  # else the sums of time and other are partial
+    seconds, other = (seconds, other) if every_split else (None, None)
+    out.append(f"| **all** | **{signed(seconds)}** | **{flops / 1e9:,.0f}** | **{ops / 1e6:.2f} M** | "
                f"**{minutes(arith)}** | **{minutes(calls)}** | **{signed(other)}** |")
     if seconds:
         out += ["", f"Of the chapters' {minutes(seconds)}: arithmetic {arith / seconds:.0%}, operator calls "

@@ -38,8 +38,8 @@ def test_the_page_splits_a_time_into_arithmetic_calls_and_the_rest():
                  "flops_per_s": 1e11, "per_op_s": 1e-5, "threads": 2, "kernels": "AVX2", "machine": MACHINE}
     cells = [{"cell": 0, "first_line": "train()", "flops": 3 * 10**12, "products": 9, "ops": 2 * 10**6},
              {"cell": 1, "first_line": "plot()", "flops": 0, "products": 0, "ops": 0}]
-    work = {"reference": reference, "chapters": {"ch.ipynb": {"cells": cells}}}
-    times = {"ch.ipynb": {"seconds": 80.0, "machine": MACHINE, "profile": [
+    work = {"reference": reference, "chapters": {"ch.ipynb": {"cells": cells, "code": "c0de"}}}
+    times = {"ch.ipynb": {"seconds": 80.0, "machine": MACHINE, "code": "c0de", "profile": [
         {"cell": 0, "first_line": "train()", "seconds": 70.0},
         {"cell": 1, "first_line": "something else()", "seconds": 5.0}]}}
     page = chapter_work.render(work, ["ch.ipynb"], times)
@@ -55,9 +55,44 @@ def test_times_from_another_machine_are_not_split_by_this_ones_rates():
     reference = {"measurements": {}, "flops_per_s": 1e11, "per_op_s": 1e-5, "threads": 2, "kernels": "AVX2",
                  "machine": MACHINE}
     cells = [{"cell": 0, "first_line": "train()", "flops": 3 * 10**12, "products": 9, "ops": 2 * 10**6}]
-    work = {"reference": reference, "chapters": {"ch.ipynb": {"cells": cells}}}
-    times = {"ch.ipynb": {"seconds": 80.0, "machine": {**MACHINE, "cpu": "Another CPU"},
+    work = {"reference": reference, "chapters": {"ch.ipynb": {"cells": cells, "code": "c0de"}}}
+    times = {"ch.ipynb": {"seconds": 80.0, "machine": {**MACHINE, "cpu": "Another CPU"}, "code": "c0de",
                           "profile": [{"cell": 0, "first_line": "train()", "seconds": 70.0}]}}
     page = chapter_work.render(work, ["ch.ipynb"], times)
     assert "| ch | — | 3,000 | 2.00 M | 30.0 s | 20.0 s | — |" in page
     assert "`train()`" not in page
+
+
+def test_times_of_other_code_are_not_split_by_these_counts():
+    """A chapter or llmbook changed between counting and timing: the counts do not explain the time."""
+    reference = {"measurements": {}, "flops_per_s": 1e11, "per_op_s": 1e-5, "threads": 2, "kernels": "AVX2",
+                 "machine": MACHINE}
+    cells = [{"cell": 0, "first_line": "train()", "flops": 3 * 10**12, "products": 9, "ops": 2 * 10**6}]
+    work = {"reference": reference, "chapters": {"ch.ipynb": {"cells": cells, "code": "c0de"}}}
+    for code in ("c0ffee", None):
+        times = {"ch.ipynb": {"seconds": 80.0, "machine": MACHINE, "code": code,
+                              "profile": [{"cell": 0, "first_line": "train()", "seconds": 70.0}]}}
+        page = chapter_work.render(work, ["ch.ipynb"], times)
+        assert "| ch | — | 3,000 | 2.00 M | 30.0 s | 20.0 s | — |" in page
+        assert "`train()`" not in page
+
+
+def test_the_code_fingerprint_follows_the_chapters_code_cells_not_its_outputs(tmp_path, monkeypatch):
+    import chapter_times
+
+    (tmp_path / "lib" / "llmbook").mkdir(parents=True)
+    (tmp_path / "lib" / "llmbook" / "m.py").write_text("x = 1\n")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# T"), nbformat.v4.new_code_cell("a = 1")])
+    nbformat.write(nb, tmp_path / "ch.ipynb")
+    monkeypatch.setattr(chapter_times, "ROOT", tmp_path)
+    first = chapter_times.code_fingerprint("ch.ipynb")
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n")]
+    nb.cells[0].source = "# Another title"
+    nbformat.write(nb, tmp_path / "ch.ipynb")
+    assert chapter_times.code_fingerprint("ch.ipynb") == first  # outputs and prose: the same code
+    nb.cells[1].source = "a = 2"
+    nbformat.write(nb, tmp_path / "ch.ipynb")
+    changed_cell = chapter_times.code_fingerprint("ch.ipynb")
+    (tmp_path / "lib" / "llmbook" / "m.py").write_text("x = 2\n")
+    changed_lib = chapter_times.code_fingerprint("ch.ipynb")
+    assert len({first, changed_cell, changed_lib}) == 3
