@@ -78,9 +78,10 @@ test-unit: setup
 
 # Re-execute every chapter on AVX2-only kernels (the committed outputs come from the machine's
 # own kernels, so both paths are exercised); cells tagged `# NBVAL_CHECK_OUTPUT` must print
-# what is committed.
+# what is committed. A cell may run for 2 hours before nbval stops it (its default, 2000 s,
+# is only 8 times chapter 5's longest cell, and a busy machine stretched that cell past it).
 test-notebooks: setup
-	$(AVX2_ONLY) $(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider chapters
+	$(AVX2_ONLY) $(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=7200 -p no:cacheprovider chapters
 
 # Open every page of the built book in headless Chromium (skipped, saying how to install
 # it, where Debian's chromium is missing); screenshots go to _build/screenshots/.
