@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument("--rank0", choices=("work", "collective"), default="work")
     args = parser.parse_args()
     rank, _ = distributed.init()
+    # Both ranks past the group's set-up: without this, rank 1 can fail while rank 0 is still
+    # connecting to it, and rank 0 then fails in its set-up instead of being busy.
+    dist.barrier()
     if rank == 1 and args.rank1 == "fail":
         raise RuntimeError("rank 1 cannot go on (a stand-in for a worker's error)")
     if rank == 0 and args.rank0 == "collective":
