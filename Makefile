@@ -117,6 +117,7 @@ execute: setup
 	done
 
 # `make test` while busy processes occupy every core: the checks must not need an idle machine.
+# OpenMP threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE, see scripts/under_load.py).
 test-under-load: setup
 	$(BIN)/python scripts/under_load.py -- $(MAKE) test
 

@@ -69,3 +69,14 @@ def test_workers_stop_when_the_script_is_stopped(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_while_waiting_unless_the_caller_chose(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    probe = "import os; print('POLICY', os.environ['OMP_WAIT_POLICY'])"
+    run = subprocess.run([sys.executable, str(SCRIPT), "--workers", "1", "--", sys.executable, "-c", probe],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 0 and f"POLICY {expected}" in run.stdout.splitlines()
