@@ -17,7 +17,7 @@ the fastest choice on an idle machine, and the slowest on a busy one: a thread s
 that the other thread, descheduled by the busy processes, needs. Chapter 1 under nbval with two
 busy processes on 2 cores (AVX2 kernels, Intel Xeon 2.80 GHz): 320 s spinning, 103 s with
 ``OMP_WAIT_POLICY=PASSIVE`` (64 s and 81 s on the idle machine). So the command gets
-``OMP_WAIT_POLICY=PASSIVE`` unless the caller set a policy; it changes no result, only the time.
+``OMP_WAIT_POLICY=PASSIVE`` unless the caller set a policy: how a thread waits, not what it computes.
 """
 
 from __future__ import annotations
