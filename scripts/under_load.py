@@ -14,10 +14,9 @@ status is the command's.
 
 OpenMP threads that wait for each other spin by default (``OMP_WAIT_POLICY`` unset). That is
 the fastest choice on an idle machine, and the slowest on a busy one: a thread spins on a core
-that the other thread, descheduled by the busy processes, needs. Chapter 1 under nbval with two
-busy processes on 2 cores (AVX2 kernels, Intel Xeon 2.80 GHz): 320 s spinning, 103 s with
-``OMP_WAIT_POLICY=PASSIVE`` (64 s and 81 s on the idle machine). So the command gets
-``OMP_WAIT_POLICY=PASSIVE`` unless the caller set a policy: how a thread waits, not what it computes.
+that the other thread, descheduled by the busy processes, needs (README, "On a busy machine",
+has chapter 1's times both ways). So the command gets ``OMP_WAIT_POLICY=PASSIVE`` unless the
+caller set a policy: how a thread waits, not what it computes.
 """
 
 from __future__ import annotations
